@@ -1,0 +1,168 @@
+"""The ``vfio-mediator`` command.
+
+Exit codes (also in the README):
+  0  done
+  1  the policy cannot be carried out on the device (a plan error)
+  2  bad input: usage, a malformed or invalid profile, quirk table or dump
+
+Every error about input is one line naming the file and the key or line;
+no traceback reaches the user for anything they can fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+
+from mediator import __version__
+from mediator.backends.profile import DEFAULT_PROFILE, load_profile, resolve_profile, shipped_profiles
+from mediator.backends.sim import SimBackend
+from mediator.errors import InputError, InputErrors
+from mediator.pci.chain import ChainError
+from mediator.pci.registers import Identity
+from mediator.quirks.table import QuirkTable, load_table_file
+from mediator.report import inspection, render_text
+from mediator.virt.device import VirtualDevice
+from mediator.virt.plan import PlanError, build_plan
+
+EXIT_OK = 0
+EXIT_PLAN = 1
+EXIT_INPUT = 2
+
+
+def _print_errors(errors: Sequence[InputError | str]) -> None:
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+
+
+def _simulated_device(
+    profile_arg: str, quirk_files: Sequence[Path], builtin: bool
+) -> tuple[VirtualDevice, QuirkTable, str]:
+    profile = load_profile(resolve_profile(profile_arg))
+    table = QuirkTable.load(quirk_files, builtin=builtin)
+    quirks = table.for_device(Identity.of(profile.image))
+    plan = build_plan(profile.image, quirks, profile.bar_sizes, profile.rom_size)
+    return VirtualDevice(SimBackend(profile), plan), table, profile.name
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    device, table, name = _simulated_device(args.profile, args.quirks, not args.no_builtin_quirks)
+    report = inspection(
+        device, name=name, source=str(resolve_profile(args.profile)), quirk_origins=table.origins
+    )
+    if args.json:
+        json.dump(report, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(render_text(report, device.plan))
+    return EXIT_OK
+
+
+def _check_file(path: Path) -> str:
+    """A one-line summary of a valid file; raises InputErrors otherwise."""
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        document = None  # the specific loader below reports it with its position
+    if document is not None and "config" in document:
+        profile = load_profile(path)
+        quirks = QuirkTable.load().for_device(Identity.of(profile.image))
+        try:
+            build_plan(profile.image, quirks, profile.bar_sizes, profile.rom_size)
+        except PlanError as e:
+            raise InputErrors([InputError(str(path), "", f"with the built-in quirks: {e}")]) from None
+        return f"profile {profile.name}: {Identity.of(profile.image)}"
+    if document is not None and "quirk" not in document:
+        raise InputErrors(
+            [InputError(str(path), "", "neither a quirk table ([[quirk]]) nor a device profile ([config])")]
+        )
+    quirks = load_table_file(path)
+    return f"quirk table: {len(quirks)} quirks"
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    failed = False
+    for path in args.files:
+        try:
+            summary = _check_file(path)
+        except InputErrors as e:
+            _print_errors(e.errors)
+            failed = True
+            continue
+        print(f"ok: {path}: {summary}")
+    return EXIT_INPUT if failed else EXIT_OK
+
+
+def cmd_profiles(_args: argparse.Namespace) -> int:
+    for name, path in shipped_profiles().items():
+        try:
+            description = load_profile(path).description
+        except InputErrors as e:
+            description = f"(invalid: {e.errors[0]})"
+        marker = " (default)" if name == DEFAULT_PROFILE else ""
+        print(f"{name:<24} {description}{marker}")
+    return EXIT_OK
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="vfio-mediator",
+        description="Serve a PCI device to a vfio-user VMM through a policed, quirk-table-driven view.",
+    )
+    top.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="show a device and the guest's view of it, side by side",
+        description="Show the physical and the guest-visible config space, capabilities, BARs and "
+        "every policy decision for a simulated device profile.",
+    )
+    inspect.add_argument(
+        "--profile",
+        default=DEFAULT_PROFILE,
+        metavar="NAME|FILE",
+        help=f"a shipped profile (see `vfio-mediator profiles`) or a profile file; default {DEFAULT_PROFILE}",
+    )
+    inspect.add_argument(
+        "--quirks",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="FILE",
+        help="an operator quirk table, applied after the built-ins (repeatable)",
+    )
+    inspect.add_argument("--no-builtin-quirks", action="store_true", help="apply only the --quirks tables")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    inspect.set_defaults(run=cmd_inspect)
+
+    check = commands.add_parser(
+        "check",
+        help="validate quirk tables and device profiles",
+        description="Validate quirk tables and device profiles; exit 2 listing every error.",
+    )
+    check.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    check.set_defaults(run=cmd_check)
+
+    profiles = commands.add_parser("profiles", help="list the device profiles that ship with the daemon")
+    profiles.set_defaults(run=cmd_profiles)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        result: int = args.run(args)
+    except InputErrors as e:
+        _print_errors(e.errors)
+        return EXIT_INPUT
+    except (PlanError, ChainError) as e:
+        _print_errors([str(e)])
+        return EXIT_PLAN
+    except BrokenPipeError:
+        return EXIT_OK
+    return result
