@@ -20,6 +20,7 @@ is unknown extends to that next capability, or to the end of its space.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mediator.pci import capabilities as caps
@@ -92,56 +93,77 @@ class _Link:
     next: int
 
 
+def _follow(
+    kind: CapKind,
+    *,
+    first: int,
+    floor: int,
+    max_steps: int,
+    read: Callable[[int], _Link | None],
+    anomalies: list[str],
+) -> list[_Link]:
+    """The links from ``first`` on, stopping at 0, at a pointer below ``floor``, at a repeat,
+    after ``max_steps``, or where ``read`` finds no capability."""
+    links: list[_Link] = []
+    seen: set[int] = set()
+    pos = first
+    for _ in range(max_steps):
+        if pos == 0:
+            return links
+        if pos < floor:
+            anomalies.append(
+                f"{kind} next pointer {pos:#x} points into the space below {floor:#x}; chain ends"
+            )
+            return links
+        if pos in seen:
+            anomalies.append(f"{kind} chain loops back to {pos:#x}; chain ends")
+            return links
+        link = read(pos)
+        if link is None:
+            return links
+        seen.add(pos)
+        links.append(link)
+        pos = link.next
+    if pos:
+        anomalies.append(f"{kind} chain longer than {max_steps} capabilities; chain ends")
+    return links
+
+
 def _walk_std(image: bytes, anomalies: list[str]) -> list[_Link]:
     if not u16(image, STATUS) & STATUS_CAP_LIST:
         return []
-    links: list[_Link] = []
-    seen: set[int] = set()
-    pos = image[CAPABILITY_LIST] & 0xFC
-    for _ in range(STD_MAX_STEPS):
-        if pos == 0:
-            return links
-        if pos < HEADER_SIZE:
-            anomalies.append(f"std next pointer {pos:#x} points into the header; chain ends")
-            return links
-        if pos in seen:
-            anomalies.append(f"std chain loops back to {pos:#x}; chain ends")
-            return links
-        seen.add(pos)
-        link = _Link(pos, image[pos], 0, image[pos + 1] & 0xFC)
-        links.append(link)
-        pos = link.next
-    if pos:
-        anomalies.append(f"std chain longer than {STD_MAX_STEPS} capabilities; chain ends")
-    return links
+
+    def read(pos: int) -> _Link:
+        return _Link(pos, image[pos], 0, image[pos + 1] & 0xFC)
+
+    return _follow(
+        CapKind.STD,
+        first=image[CAPABILITY_LIST] & 0xFC,
+        floor=HEADER_SIZE,
+        max_steps=STD_MAX_STEPS,
+        read=read,
+        anomalies=anomalies,
+    )
 
 
 def _walk_ext(image: bytes, anomalies: list[str]) -> list[_Link]:
-    links: list[_Link] = []
-    seen: set[int] = set()
-    pos = CONFIG_SPACE_SIZE
-    for _ in range(EXT_MAX_STEPS):
-        if pos == 0:
-            return links
-        if pos < CONFIG_SPACE_SIZE:
-            anomalies.append(f"ext next pointer {pos:#x} points below 0x100; chain ends")
-            return links
-        if pos in seen:
-            anomalies.append(f"ext chain loops back to {pos:#x}; chain ends")
-            return links
+    def read(pos: int) -> _Link | None:
         header = u32(image, pos)
         if header == 0xFFFFFFFF:
             anomalies.append(f"ext header at {pos:#x} reads all ones; chain ends")
-            return links
+            return None
         if header == 0 and pos == CONFIG_SPACE_SIZE:
-            return links
-        seen.add(pos)
-        link = _Link(pos, header & 0xFFFF, (header >> 16) & 0xF, (header >> 20) & 0xFFC)
-        links.append(link)
-        pos = link.next
-    if pos:
-        anomalies.append(f"ext chain longer than {EXT_MAX_STEPS} capabilities; chain ends")
-    return links
+            return None  # no extended capabilities at all
+        return _Link(pos, header & 0xFFFF, (header >> 16) & 0xF, (header >> 20) & 0xFFC)
+
+    return _follow(
+        CapKind.EXT,
+        first=CONFIG_SPACE_SIZE,
+        floor=CONFIG_SPACE_SIZE,
+        max_steps=EXT_MAX_STEPS,
+        read=read,
+        anomalies=anomalies,
+    )
 
 
 def _with_extents(
