@@ -78,7 +78,7 @@ class ConfigView:
         for segment, start, stop in pieces:
             shadow = self.shadow[start:stop]
             virtual = segment.virtual[start - segment.start : stop - segment.start]
-            if all(v == 0xFF for v in virtual):
+            if virtual.count(0xFF) == len(virtual):
                 out += shadow
                 continue
             v = _int(virtual)
@@ -96,7 +96,8 @@ class ConfigView:
         run_start: int | None = None
         run_end = 0
         for segment, start, stop in pieces:
-            needed = any(v != 0xFF for v in segment.virtual[start - segment.start : stop - segment.start])
+            virtual = segment.virtual[start - segment.start : stop - segment.start]
+            needed = virtual.count(0xFF) != len(virtual)
             if needed and run_start is not None and start == run_end:
                 run_end = stop
                 continue
