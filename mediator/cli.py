@@ -18,7 +18,9 @@ import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
-from mediator import __version__
+import trio
+
+from mediator import __version__, log
 from mediator.backends.profile import DEFAULT_PROFILE, load_profile, resolve_profile, shipped_profiles
 from mediator.backends.sim import SimBackend
 from mediator.errors import InputError, InputErrors
@@ -26,8 +28,9 @@ from mediator.pci.chain import ChainError
 from mediator.pci.registers import Identity
 from mediator.quirks.table import QuirkTable, load_table_file
 from mediator.report import inspection, render_text
+from mediator.vfio_user.server import DeviceServer, SocketInUseError, serve_until_signalled
 from mediator.virt.device import VirtualDevice
-from mediator.virt.plan import PlanError, build_plan
+from mediator.virt.plan import PlanError
 
 EXIT_OK = 0
 EXIT_PLAN = 1
@@ -44,9 +47,7 @@ def _simulated_device(
 ) -> tuple[VirtualDevice, QuirkTable, str]:
     profile = load_profile(resolve_profile(profile_arg))
     table = QuirkTable.load(quirk_files, builtin=builtin)
-    quirks = table.for_device(Identity.of(profile.image))
-    plan = build_plan(profile.image, quirks, profile.bar_sizes, profile.rom_size)
-    return VirtualDevice(SimBackend(profile), plan), table, profile.name
+    return VirtualDevice.open(SimBackend(profile), table), table, profile.name
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -70,9 +71,8 @@ def _check_file(path: Path) -> str:
         document = None  # the specific loader below reports it with its position
     if document is not None and "config" in document:
         profile = load_profile(path)
-        quirks = QuirkTable.load().for_device(Identity.of(profile.image))
         try:
-            build_plan(profile.image, quirks, profile.bar_sizes, profile.rom_size)
+            VirtualDevice.open(SimBackend(profile), QuirkTable.load()).backend.close()
         except PlanError as e:
             raise InputErrors([InputError(str(path), "", f"with the built-in quirks: {e}")]) from None
         return f"profile {profile.name}: {Identity.of(profile.image)}"
@@ -97,6 +97,20 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_INPUT if failed else EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    log.configure(args.log_level)
+    device, _, name = _simulated_device(args.profile, args.quirks, not args.no_builtin_quirks)
+    server = DeviceServer(device, name)
+    try:
+        trio.run(serve_until_signalled, server, args.socket)
+    except SocketInUseError as e:
+        _print_errors([str(e)])
+        return EXIT_INPUT
+    finally:
+        device.backend.close()
+    return EXIT_OK
+
+
 def cmd_profiles(_args: argparse.Namespace) -> int:
     for name, path in shipped_profiles().items():
         try:
@@ -108,6 +122,24 @@ def cmd_profiles(_args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _device_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--profile",
+        default=DEFAULT_PROFILE,
+        metavar="NAME|FILE",
+        help=f"a shipped profile (see `vfio-mediator profiles`) or a profile file; default {DEFAULT_PROFILE}",
+    )
+    command.add_argument(
+        "--quirks",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="FILE",
+        help="an operator quirk table, applied after the built-ins (repeatable)",
+    )
+    command.add_argument("--no-builtin-quirks", action="store_true", help="apply only the --quirks tables")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="vfio-mediator",
@@ -116,27 +148,25 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    serve = commands.add_parser(
+        "serve",
+        help="serve a device to a vfio-user client (QEMU) on a UNIX socket",
+        description="Serve a simulated device profile over vfio-user until SIGTERM or SIGINT.",
+    )
+    _device_arguments(serve)
+    serve.add_argument(
+        "--socket", type=Path, required=True, metavar="PATH", help="the UNIX socket to listen on"
+    )
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(run=cmd_serve)
+
     inspect = commands.add_parser(
         "inspect",
         help="show a device and the guest's view of it, side by side",
         description="Show the physical and the guest-visible config space, capabilities, BARs and "
         "every policy decision for a simulated device profile.",
     )
-    inspect.add_argument(
-        "--profile",
-        default=DEFAULT_PROFILE,
-        metavar="NAME|FILE",
-        help=f"a shipped profile (see `vfio-mediator profiles`) or a profile file; default {DEFAULT_PROFILE}",
-    )
-    inspect.add_argument(
-        "--quirks",
-        action="append",
-        type=Path,
-        default=[],
-        metavar="FILE",
-        help="an operator quirk table, applied after the built-ins (repeatable)",
-    )
-    inspect.add_argument("--no-builtin-quirks", action="store_true", help="apply only the --quirks tables")
+    _device_arguments(inspect)
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
     inspect.set_defaults(run=cmd_inspect)
 

@@ -8,10 +8,8 @@ from pathlib import Path
 from mediator.backends.base import IrqCounts
 from mediator.backends.profile import Behaviour, Profile, load_profile, shipped_profiles
 from mediator.backends.sim import SimBackend
-from mediator.pci.registers import Identity
 from mediator.quirks.table import QuirkTable
 from mediator.virt.device import VirtualDevice
-from mediator.virt.plan import build_plan
 
 PROFILES = shipped_profiles()
 BUILTIN = QuirkTable.load()
@@ -47,9 +45,8 @@ def device(
     """The virtual device the daemon would serve for a profile, and its simulated hardware."""
     prof = profile(source) if isinstance(source, str) else source
     table = QuirkTable.load(quirk_files, builtin=builtin) if quirk_files or not builtin else BUILTIN
-    plan = build_plan(prof.image, table.for_device(Identity.of(prof.image)), prof.bar_sizes, prof.rom_size)
     backend = SimBackend(prof)
-    return VirtualDevice(backend, plan), backend
+    return VirtualDevice.open(backend, table), backend
 
 
 def write_table(folder: Path, text: str, name: str = "operator.toml") -> Path:

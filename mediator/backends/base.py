@@ -1,18 +1,50 @@
-"""What every backend offers the virtual device.
+"""What every backend offers the virtual device, in VFIO's terms.
 
 Region indexes follow vfio-pci: 0-5 are BAR0-5, 6 the expansion ROM, 7 the
 config space. Sizes are the *real* sizes; rounding to what a guest can take
-is the virtual device's business.
+is the virtual device's business. Interrupts follow VFIO_DEVICE_SET_IRQS
+(index, action, data), so the real backend hands them to the kernel as they
+are. DMA goes through a ``DmaTable`` the virtual device owns: the backend is
+told of every mapping (the real one programs the IOMMU) and the simulator
+reads and writes guest memory through the table.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from mediator.backends.dma import DmaMapping, DmaTable
 
 BAR_REGIONS = range(6)
 ROM_REGION = 6
 CONFIG_REGION = 7
+VGA_REGION = 8
+REGION_COUNT = 9
+
+IRQ_INTX = 0
+IRQ_MSI = 1
+IRQ_MSIX = 2
+IRQ_ERR = 3
+IRQ_REQ = 4
+IRQ_COUNT = 5
+
+# VFIO_IRQ_INFO_* (include/uapi/linux/vfio.h)
+IRQ_INFO_EVENTFD = 0x1
+IRQ_INFO_MASKABLE = 0x2
+IRQ_INFO_AUTOMASKED = 0x4
+IRQ_INFO_NORESIZE = 0x8
+
+# VFIO_IRQ_SET_* (include/uapi/linux/vfio.h)
+IRQ_SET_DATA_NONE = 0x01
+IRQ_SET_DATA_BOOL = 0x02
+IRQ_SET_DATA_EVENTFD = 0x04
+IRQ_SET_ACTION_MASK = 0x08
+IRQ_SET_ACTION_UNMASK = 0x10
+IRQ_SET_ACTION_TRIGGER = 0x20
+IRQ_SET_DATA_TYPE = IRQ_SET_DATA_NONE | IRQ_SET_DATA_BOOL | IRQ_SET_DATA_EVENTFD
+IRQ_SET_ACTION_TYPE = IRQ_SET_ACTION_MASK | IRQ_SET_ACTION_UNMASK | IRQ_SET_ACTION_TRIGGER
 
 
 @dataclass(frozen=True)
@@ -22,6 +54,19 @@ class IrqCounts:
     msix: int
 
 
+@dataclass(frozen=True)
+class RegionInfo:
+    size: int
+    # (offset, size) areas a client may mmap through ``region_fd``; page-aligned.
+    mappable: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class IrqInfo:
+    count: int
+    flags: int
+
+
 class BackendError(Exception):
     """The device failed an operation (an I/O error, a reset that did not happen)."""
 
@@ -29,18 +74,35 @@ class BackendError(Exception):
 class Backend(Protocol):
     description: str
     config_size: int
-    irqs: IrqCounts
 
     def read_config(self, offset: int, length: int) -> bytes: ...
 
     def write_config(self, offset: int, data: bytes) -> None: ...
 
-    def region_size(self, index: int) -> int:
-        """Real size of BAR0-5 or the ROM (index 6); 0 when not implemented."""
+    def region_info(self, index: int) -> RegionInfo:
+        """Real size (0: not implemented) and mappable areas of BAR0-5 or the ROM."""
+        ...
+
+    def region_fd(self, index: int) -> tuple[int, int] | None:
+        """(fd, file offset of the region) a client may mmap, or None."""
         ...
 
     def read_region(self, index: int, offset: int, length: int) -> bytes: ...
 
     def write_region(self, index: int, offset: int, data: bytes) -> None: ...
 
+    def irq_info(self, index: int) -> IrqInfo: ...
+
+    def set_irqs(self, index: int, flags: int, start: int, count: int, data: Sequence[int]) -> None:
+        """VFIO_DEVICE_SET_IRQS, already validated; ``data`` holds fds (-1: none) or bools."""
+        ...
+
+    def attach_dma(self, table: DmaTable) -> None: ...
+
+    def dma_map(self, mapping: DmaMapping) -> None: ...
+
+    def dma_unmap(self, mapping: DmaMapping) -> None: ...
+
     def reset(self) -> None: ...
+
+    def close(self) -> None: ...

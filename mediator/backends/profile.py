@@ -34,6 +34,16 @@ A profile is a TOML file::
     offset = 0x88000
     size = 0x1000
 
+    [[behaviours]]
+    kind = "irq-doorbell"                   # writing N raises vector N (MSI-X, else MSI, else INTx)
+    bar = 0
+    offset = 0x4000
+
+    [[behaviours]]
+    kind = "dma-engine"                     # edu-style: +0 src, +8 dst, +0x10 count, +0x18 command
+    bar = 0
+    offset = 0x5000
+
 The BAR type normally comes from the image's BAR register; a profile may
 state it for a BAR whose register reads 0 (a variant driver's fake BAR), and
 must agree with the image otherwise. Every error names the file and the key.
@@ -88,10 +98,15 @@ class IrqSpec(Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class BehaviourSpec(Struct, forbid_unknown_fields=True, frozen=True):
-    kind: Literal["config-mirror"]
+    kind: Literal["config-mirror", "irq-doorbell", "dma-engine"]
     bar: Annotated[int, Meta(ge=0, le=5)]
     offset: Annotated[int, Meta(ge=0)]
-    size: Size
+    size: Size | None = None
+
+
+# Register windows whose size the hardware fixes: a 4-byte doorbell, and an
+# edu-style DMA engine (source, destination, count, command; 8 bytes each).
+BEHAVIOUR_SIZES = {"irq-doorbell": 4, "dma-engine": 0x20}
 
 
 class ProfileSpec(Struct, forbid_unknown_fields=True, frozen=True):
@@ -213,11 +228,20 @@ def _check_irqs(spec: IrqSpec, image: bytes | bytearray, source: str) -> IrqCoun
 def _check_behaviours(spec: ProfileSpec, sizes: list[int], source: str) -> tuple[Behaviour, ...]:
     behaviours = []
     for i, behaviour in enumerate(spec.behaviours):
+        where = f"behaviours[{i}]"
+        fixed = BEHAVIOUR_SIZES.get(behaviour.kind)
+        if fixed is None and behaviour.size is None:
+            raise InputError(source, f"{where}.size", f"required for a {behaviour.kind} window")
+        if fixed is not None and behaviour.size not in (None, fixed):
+            raise InputError(source, f"{where}.size", f"a {behaviour.kind} window is {fixed:#x} bytes")
+        size = fixed or behaviour.size or 0
         if sizes[behaviour.bar] == 0:
-            raise InputError(source, f"behaviours[{i}].bar", f"BAR{behaviour.bar} is not in bars")
-        if behaviour.offset + behaviour.size > sizes[behaviour.bar]:
-            raise InputError(source, f"behaviours[{i}]", f"window ends past BAR{behaviour.bar}'s size")
-        behaviours.append(Behaviour(behaviour.kind, behaviour.bar, behaviour.offset, behaviour.size))
+            raise InputError(source, f"{where}.bar", f"BAR{behaviour.bar} is not in bars")
+        if behaviour.offset + size > sizes[behaviour.bar]:
+            raise InputError(source, where, f"window ends past BAR{behaviour.bar}'s size")
+        if fixed is not None and behaviour.offset % 8:
+            raise InputError(source, f"{where}.offset", "register windows are 8-byte aligned")
+        behaviours.append(Behaviour(behaviour.kind, behaviour.bar, behaviour.offset, size))
     return tuple(behaviours)
 
 

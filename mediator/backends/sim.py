@@ -1,13 +1,27 @@
-"""The simulator: a device profile served from memory.
+"""The simulator: a device profile served from memory, with the kernel's VFIO semantics.
 
 Config space is plain memory: every write that reaches the simulator lands,
 so a write the policy should have stopped is visible in the image (and in
 ``config_writes``, the recent write log). BARs are memfds, created on first
-use and sparse, so a 95.5 GiB device-memory BAR costs nothing until touched
-and can later be handed to a VMM to mmap. Profile behaviours model what real
-hardware does behind the config filter: a ``config-mirror`` window reads and
-writes the *physical* config space through a BAR, as NVIDIA GPUs do at
-BAR0+0x88000, which is exactly what the daemon's trap windows must stop.
+use and sparse, so a 95.5 GiB device-memory BAR costs nothing until touched;
+a client mmaps them through ``region_fd``.
+
+Profile behaviours are hardware registers behind the mmappable pages (the
+simulator never offers them for mmap, so every access reaches it):
+
+- ``config-mirror``: the window reads and writes the *physical* config space,
+  as NVIDIA GPUs do at BAR0+0x88000 - what the daemon's trap windows stop;
+- ``irq-doorbell``: writing N raises vector N of the active interrupt index
+  (MSI-X if it has eventfds, else MSI, else INTx);
+- ``dma-engine``: QEMU ``edu``-style registers (+0 source, +8 destination,
+  +0x10 count, +0x18 command: bit 0 start, bit 1 BAR-to-guest, bit 2 raise
+  vector 0 when done); a start copies between the BAR and guest memory at
+  once, through the client's DMA mappings, and clears the start bit (bit 8
+  reports a fault).
+
+Interrupts follow VFIO_DEVICE_SET_IRQS as vfio-pci implements them: eventfd
+triggers per vector, INTx automasked until unmasked, mask and unmask with a
+pending bit, loopback triggers, and an INTx resample eventfd that unmasks.
 """
 
 from __future__ import annotations
@@ -15,12 +29,52 @@ from __future__ import annotations
 import mmap
 import os
 from collections import deque
+from collections.abc import Sequence
 
-from mediator.backends.base import ROM_REGION, BackendError, IrqCounts
-from mediator.backends.profile import Profile
+from mediator.backends.base import (
+    IRQ_COUNT,
+    IRQ_ERR,
+    IRQ_INFO_AUTOMASKED,
+    IRQ_INFO_EVENTFD,
+    IRQ_INFO_MASKABLE,
+    IRQ_INFO_NORESIZE,
+    IRQ_INTX,
+    IRQ_MSI,
+    IRQ_MSIX,
+    IRQ_REQ,
+    IRQ_SET_ACTION_MASK,
+    IRQ_SET_ACTION_TRIGGER,
+    IRQ_SET_ACTION_UNMASK,
+    IRQ_SET_DATA_EVENTFD,
+    IRQ_SET_DATA_NONE,
+    ROM_REGION,
+    BackendError,
+    IrqInfo,
+    RegionInfo,
+)
+from mediator.backends.dma import DmaError, DmaMapping, DmaTable
+from mediator.backends.profile import Behaviour, Profile
+from mediator.pci.bars import BarType
 from mediator.pci.registers import Identity
 
 CONFIG_WRITE_LOG = 1024
+PAGE = mmap.PAGESIZE
+DMA_START = 0x1
+DMA_TO_GUEST = 0x2
+DMA_RAISE_IRQ = 0x4
+DMA_FAULT = 0x100
+DMA_MAX = 1 << 20
+
+
+class _IrqLine:
+    """One vector: its eventfd, mask and pending bits."""
+
+    __slots__ = ("eventfd", "masked", "pending")
+
+    def __init__(self) -> None:
+        self.eventfd: int | None = None
+        self.masked = False
+        self.pending = False
 
 
 class SimBackend:
@@ -29,17 +83,29 @@ class SimBackend:
         self.description = f"simulated {profile.name} {Identity.of(profile.image)}"
         self.config = bytearray(profile.image)
         self.config_size = len(profile.image)
-        self.irqs: IrqCounts = profile.irqs
         self.config_writes: deque[tuple[int, bytes]] = deque(maxlen=CONFIG_WRITE_LOG)
         self.resets = 0
-        self._memory: dict[int, mmap.mmap] = {}
+        self.interrupts_raised = 0
+        self._memory: dict[int, tuple[int, mmap.mmap]] = {}
+        counts = {
+            IRQ_INTX: profile.irqs.intx,
+            IRQ_MSI: profile.irqs.msi,
+            IRQ_MSIX: profile.irqs.msix,
+            IRQ_ERR: 1,
+            IRQ_REQ: 1,
+        }
+        self._irqs = {index: [_IrqLine() for _ in range(counts[index])] for index in range(IRQ_COUNT)}
+        self._resample_fd: int | None = None
+        self._dma: DmaTable | None = None
 
+    # config space
     def _check_config(self, offset: int, length: int) -> None:
         if offset < 0 or length <= 0 or offset + length > self.config_size:
             raise BackendError(f"config access {offset:#x}+{length} outside {self.config_size} bytes")
 
     def read_config(self, offset: int, length: int) -> bytes:
-        self._check_config(offset, length)
+        if offset < 0 or length <= 0 or offset + length > self.config_size:
+            self._check_config(offset, length)
         return bytes(self.config[offset : offset + length])
 
     def write_config(self, offset: int, data: bytes) -> None:
@@ -47,64 +113,208 @@ class SimBackend:
         self.config[offset : offset + len(data)] = data
         self.config_writes.append((offset, bytes(data)))
 
-    def region_size(self, index: int) -> int:
+    # regions
+    def _size(self, index: int) -> int:
         if index == ROM_REGION:
             return self.profile.rom_size
         if 0 <= index < len(self.profile.bar_sizes):
             return self.profile.bar_sizes[index]
         return 0
 
-    def memory(self, index: int) -> mmap.mmap:
-        """The memfd-backed memory of a BAR or the ROM, created on first use."""
+    def region_info(self, index: int) -> RegionInfo:
+        size = self._size(index)
+        if not size or index == ROM_REGION or BarType.of(self.profile.image, index).io:
+            return RegionInfo(size)
+        end = size - size % PAGE
+        holes = sorted(
+            (b.offset - b.offset % PAGE, -(-(b.offset + b.size) // PAGE) * PAGE)
+            for b in self.profile.behaviours
+            if b.bar == index
+        )
+        areas, cursor = [], 0
+        for start, stop in holes:
+            if start > cursor:
+                areas.append((cursor, min(start, end) - cursor))
+            cursor = max(cursor, stop)
+        if cursor < end:
+            areas.append((cursor, end - cursor))
+        return RegionInfo(size, tuple(a for a in areas if a[1] > 0))
+
+    def _region(self, index: int) -> tuple[int, mmap.mmap]:
+        """The memfd and its mapping behind a BAR or the ROM, created on first use."""
         if index not in self._memory:
-            size = self.region_size(index)
+            size = self._size(index)
             if not size:
                 raise BackendError(f"region {index} is not implemented")
             fd = os.memfd_create(f"vfio-mediator-{self.profile.name}-region{index}", os.MFD_CLOEXEC)
             try:
                 os.ftruncate(fd, size)
-                self._memory[index] = mmap.mmap(fd, size)
-            finally:
+                self._memory[index] = (fd, mmap.mmap(fd, size))
+            except OSError:
                 os.close(fd)
+                raise
         return self._memory[index]
 
+    def memory(self, index: int) -> mmap.mmap:
+        return self._region(index)[1]
+
+    def region_fd(self, index: int) -> tuple[int, int] | None:
+        if not self.region_info(index).mappable:
+            return None
+        return self._region(index)[0], 0
+
     def _check_region(self, index: int, offset: int, length: int) -> None:
-        size = self.region_size(index)
+        size = self._size(index)
         if offset < 0 or length <= 0 or offset + length > size:
             raise BackendError(f"region {index} access {offset:#x}+{length} outside its {size} bytes")
 
-    def _mirror(self, index: int, offset: int, length: int) -> int | None:
-        """The config offset a config-mirror window maps this access to, if any."""
+    def _behaviour(self, index: int, offset: int, length: int) -> Behaviour | None:
         for behaviour in self.profile.behaviours:
             if behaviour.bar == index and behaviour.offset <= offset < behaviour.offset + behaviour.size:
-                config_offset = offset - behaviour.offset
-                if config_offset + length <= self.config_size:
-                    return config_offset
+                return behaviour
         return None
 
     def read_region(self, index: int, offset: int, length: int) -> bytes:
         self._check_region(index, offset, length)
-        mirrored = self._mirror(index, offset, length)
-        if mirrored is not None:
-            return self.read_config(mirrored, length)
+        behaviour = self._behaviour(index, offset, length)
+        if behaviour is not None and behaviour.kind == "config-mirror":
+            config_offset = offset - behaviour.offset
+            if config_offset + length <= self.config_size:
+                return self.read_config(config_offset, length)
         return self.memory(index)[offset : offset + length]
 
     def write_region(self, index: int, offset: int, data: bytes) -> None:
         self._check_region(index, offset, len(data))
         if index == ROM_REGION:
             raise BackendError("the expansion ROM is read-only")
-        mirrored = self._mirror(index, offset, len(data))
-        if mirrored is not None:
-            self.write_config(mirrored, data)
+        behaviour = self._behaviour(index, offset, len(data))
+        if behaviour is not None and behaviour.kind == "config-mirror":
+            config_offset = offset - behaviour.offset
+            if config_offset + len(data) <= self.config_size:
+                self.write_config(config_offset, data)
             return
-        self.memory(index)[offset : offset + len(data)] = data
+        memory = self.memory(index)
+        memory[offset : offset + len(data)] = data
+        if behaviour is not None and behaviour.kind == "irq-doorbell":
+            self.raise_vector(int.from_bytes(memory[behaviour.offset : behaviour.offset + 4], "little"))
+        elif behaviour is not None and behaviour.kind == "dma-engine":
+            self._run_dma(index, behaviour.offset, memory)
+
+    def _run_dma(self, index: int, base: int, memory: mmap.mmap) -> None:
+        def register(n: int) -> int:
+            return int.from_bytes(memory[base + 8 * n : base + 8 * n + 8], "little")
+
+        command = register(3)
+        if not command & DMA_START:
+            return
+        source, destination, count = register(0), register(1), register(2)
+        command &= ~(DMA_START | DMA_FAULT)
+        try:
+            if count > DMA_MAX:
+                raise DmaError(0, "transfer too long")
+            if command & DMA_TO_GUEST:
+                self._check_region(index, source, count)
+                self._dma_table().write(destination, memory[source : source + count])
+            else:
+                self._check_region(index, destination, count)
+                memory[destination : destination + count] = self._dma_table().read(source, count)
+        except (DmaError, BackendError):
+            command |= DMA_FAULT
+        memory[base + 0x18 : base + 0x20] = command.to_bytes(8, "little")
+        if command & DMA_RAISE_IRQ and not command & DMA_FAULT:
+            self.raise_vector(0)
+
+    # interrupts
+    def irq_info(self, index: int) -> IrqInfo:
+        if index not in self._irqs:
+            return IrqInfo(0, 0)
+        flags = IRQ_INFO_EVENTFD
+        if index == IRQ_INTX:
+            flags |= IRQ_INFO_MASKABLE | IRQ_INFO_AUTOMASKED
+        elif index in (IRQ_MSI, IRQ_MSIX):
+            flags |= IRQ_INFO_NORESIZE
+        return IrqInfo(len(self._irqs[index]), flags)
+
+    def set_irqs(self, index: int, flags: int, start: int, count: int, data: Sequence[int]) -> None:
+        lines = self._irqs[index]
+        action = flags & (IRQ_SET_ACTION_MASK | IRQ_SET_ACTION_UNMASK | IRQ_SET_ACTION_TRIGGER)
+        if action == IRQ_SET_ACTION_TRIGGER and flags & IRQ_SET_DATA_NONE and count == 0:
+            for line in lines:
+                line.eventfd, line.masked, line.pending = None, False, False
+            return
+        if flags & IRQ_SET_DATA_EVENTFD:
+            if action == IRQ_SET_ACTION_TRIGGER:
+                for i, fd in enumerate(data):
+                    lines[start + i].eventfd = fd if fd >= 0 else None
+            elif action == IRQ_SET_ACTION_UNMASK:  # INTx resample eventfd
+                self._resample_fd = data[0] if data[0] >= 0 else None
+            return
+        chosen = (
+            range(start, start + count)
+            if flags & IRQ_SET_DATA_NONE
+            else [start + i for i, on in enumerate(data) if on]
+        )
+        for vector in chosen:
+            line = lines[vector]
+            if action == IRQ_SET_ACTION_MASK:
+                line.masked = True
+            elif action == IRQ_SET_ACTION_UNMASK:
+                line.masked = False
+                if line.pending:
+                    line.pending = False
+                    self._signal(index, line)
+            else:
+                self._signal(index, line)
+
+    def _signal(self, index: int, line: _IrqLine) -> None:
+        if index == IRQ_INTX and line.masked and self._resample_fd is not None:
+            try:
+                os.eventfd_read(self._resample_fd)  # the guest's EOI arrived: unmask
+                line.masked = False
+            except BlockingIOError:
+                pass
+        if line.masked or line.eventfd is None:
+            line.pending = True
+            return
+        os.eventfd_write(line.eventfd, 1)
+        self.interrupts_raised += 1
+        if index == IRQ_INTX:
+            line.masked = True
+
+    def raise_vector(self, vector: int) -> None:
+        """The device signals ``vector`` of its active interrupt mode."""
+        for index in (IRQ_MSIX, IRQ_MSI, IRQ_INTX):
+            lines = self._irqs[index]
+            if any(line.eventfd is not None for line in lines):
+                if vector < len(lines):
+                    self._signal(index, lines[vector])
+                return
+
+    # DMA
+    def attach_dma(self, table: DmaTable) -> None:
+        self._dma = table
+
+    def _dma_table(self) -> DmaTable:
+        if self._dma is None:
+            raise DmaError(0, "no client memory is mapped")
+        return self._dma
+
+    def dma_map(self, mapping: DmaMapping) -> None:
+        """The simulator reaches guest memory through the table; nothing to program."""
+
+    def dma_unmap(self, mapping: DmaMapping) -> None:
+        """See ``dma_map``."""
 
     def reset(self) -> None:
         """A function-level reset: config registers return to their power-on values."""
         self.config[:] = self.profile.image
+        for lines in self._irqs.values():
+            for line in lines:
+                line.masked = line.pending = False
         self.resets += 1
 
     def close(self) -> None:
-        for memory in self._memory.values():
+        for fd, memory in self._memory.values():
             memory.close()
+            os.close(fd)
         self._memory.clear()

@@ -10,6 +10,11 @@ device, one segment (one register or body run) at a time, the way the
 kernel's ``vfio_default_config_write`` does. Bytes with no writable bit are
 dropped without any device access.
 
+Reads need only the per-byte virtual mask, so the view keeps it whole and
+caches, for each small access it has seen, the mask and the runs of bytes
+the device must supply: QEMU's per-access config reads then cost one dict
+lookup and at most one device read.
+
 The view holds the shadow and nothing else; ``reset`` restores the plan's
 initial shadow (BAR addresses cleared, virtual registers re-seeded).
 """
@@ -20,11 +25,8 @@ from bisect import bisect_right
 from collections.abc import Sequence
 from typing import Protocol
 
+from mediator.virt.errors import RegionAccessError
 from mediator.virt.rules import Segment
-
-
-class ConfigAccessError(Exception):
-    """An access outside the config space."""
 
 
 class ConfigDevice(Protocol):
@@ -39,21 +41,27 @@ def _int(data: bytes | bytearray) -> int:
     return int.from_bytes(data, "little")
 
 
+# Accesses up to this many bytes get a cached read plan (guests use 1, 2 and 4).
+CACHED_ACCESS = 8
+
+
 class ConfigView:
     def __init__(self, segments: Sequence[Segment], initial_shadow: bytes, device: ConfigDevice) -> None:
         self._segments = tuple(segments)
         self._starts = [s.start for s in self._segments]
+        self._virtual = b"".join(s.virtual for s in self._segments)
         self._initial = bytes(initial_shadow)
         self.shadow = bytearray(initial_shadow)
         self.device = device
         self.size = len(initial_shadow)
+        self._read_plans: dict[tuple[int, int], tuple[int, tuple[tuple[int, int], ...]]] = {}
 
     def reset(self) -> None:
         self.shadow[:] = self._initial
 
     def _check(self, offset: int, length: int) -> None:
         if length <= 0 or offset < 0 or offset + length > self.size:
-            raise ConfigAccessError(
+            raise RegionAccessError(
                 f"config access at {offset:#x}, {length} bytes, is outside the {self.size}-byte config space"
             )
 
@@ -70,49 +78,39 @@ class ConfigView:
             i += 1
         return pieces
 
-    def read(self, offset: int, length: int) -> bytes:
-        self._check(offset, length)
-        pieces = self._pieces(offset, length)
-        device_bytes = self._read_device_runs(pieces)
-        out = bytearray()
-        for segment, start, stop in pieces:
-            shadow = self.shadow[start:stop]
-            virtual = segment.virtual[start - segment.start : stop - segment.start]
-            if virtual.count(0xFF) == len(virtual):
-                out += shadow
+    def _read_plan(self, offset: int, length: int) -> tuple[int, tuple[tuple[int, int], ...]]:
+        """The access's virtual mask and the (start, end) runs the device must supply."""
+        virtual = self._virtual[offset : offset + length]
+        runs: list[tuple[int, int]] = []
+        for i, v in enumerate(virtual):
+            if v == 0xFF:
                 continue
-            v = _int(virtual)
-            device = _int(device_bytes[start - offset : stop - offset])
-            value = (device & ~v) | (_int(shadow) & v)
-            out += value.to_bytes(stop - start, "little")
-        return bytes(out)
+            if runs and runs[-1][1] == offset + i:
+                runs[-1] = (runs[-1][0], offset + i + 1)
+            else:
+                runs.append((offset + i, offset + i + 1))
+        return _int(virtual), tuple(runs)
 
-    def _read_device_runs(self, pieces: list[tuple[Segment, int, int]]) -> bytearray:
-        """Device bytes for every piece that needs them, fetched in as few reads as possible."""
-        if not pieces:
-            return bytearray()
-        base = pieces[0][1]
-        buffer = bytearray(pieces[-1][2] - base)
-        run_start: int | None = None
-        run_end = 0
-        for segment, start, stop in pieces:
-            virtual = segment.virtual[start - segment.start : stop - segment.start]
-            needed = virtual.count(0xFF) != len(virtual)
-            if needed and run_start is not None and start == run_end:
-                run_end = stop
-                continue
-            if run_start is not None:
-                buffer[run_start - base : run_end - base] = self.device.read_config(
-                    run_start, run_end - run_start
-                )
-                run_start = None
-            if needed:
-                run_start, run_end = start, stop
-        if run_start is not None:
-            buffer[run_start - base : run_end - base] = self.device.read_config(
-                run_start, run_end - run_start
-            )
-        return buffer
+    def read(self, offset: int, length: int) -> bytes:
+        if length > CACHED_ACCESS:
+            self._check(offset, length)
+            virtual, runs = self._read_plan(offset, length)
+        else:
+            plan = self._read_plans.get((offset, length))
+            if plan is None:
+                self._check(offset, length)
+                plan = self._read_plans[(offset, length)] = self._read_plan(offset, length)
+            virtual, runs = plan
+        end = offset + length
+        if not runs:
+            return bytes(self.shadow[offset:end])
+        if not virtual:
+            return self.device.read_config(offset, length)
+        device = bytearray(length)
+        for start, stop in runs:
+            device[start - offset : stop - offset] = self.device.read_config(start, stop - start)
+        value = (_int(device) & ~virtual) | (_int(self.shadow[offset:end]) & virtual)
+        return value.to_bytes(length, "little")
 
     def write(self, offset: int, data: bytes) -> None:
         self._check(offset, len(data))

@@ -1,4 +1,4 @@
-"""The virtual device: a plan carried out on a backend.
+"""The virtual device: a plan carried out on a backend, for one client at a time.
 
 Region accesses arrive by vfio-pci region index (0-5 BARs, 6 ROM, 7 config).
 Config goes through the ``ConfigView``. A BAR access is cut into pieces at
@@ -14,31 +14,73 @@ trap-window and padding boundaries:
 An access past the virtual size is a ``RegionAccessError``: the guest cannot
 have mapped it. ``reset`` resets the backend, restores the shadow, and then
 makes the plan's post-reset writes before anything else can touch the device.
+
+The device also holds what a client attaches: DMA mappings (a ``DmaTable``
+the backend reaches guest memory through) and interrupt eventfds, validated
+the way vfio-pci validates VFIO_DEVICE_SET_IRQS and owned here until they are
+replaced or the client goes (``release_client``). Every refusal is a
+``DeviceError`` carrying the errno the client should get.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import errno
+import os
+from collections.abc import Iterator, Sequence
 
-from mediator.backends.base import CONFIG_REGION, ROM_REGION, Backend
-from mediator.virt.config_view import ConfigAccessError, ConfigView
-from mediator.virt.plan import DevicePlan, PostResetWrite, TrapWindow, VirtualBar
-
-
-class RegionAccessError(Exception):
-    """An access to a region that does not exist or outside its virtual size."""
-
+from mediator.backends.base import (
+    BAR_REGIONS,
+    CONFIG_REGION,
+    IRQ_COUNT,
+    IRQ_ERR,
+    IRQ_INFO_EVENTFD,
+    IRQ_INFO_MASKABLE,
+    IRQ_INTX,
+    IRQ_REQ,
+    IRQ_SET_ACTION_MASK,
+    IRQ_SET_ACTION_TRIGGER,
+    IRQ_SET_ACTION_TYPE,
+    IRQ_SET_ACTION_UNMASK,
+    IRQ_SET_DATA_BOOL,
+    IRQ_SET_DATA_EVENTFD,
+    IRQ_SET_DATA_NONE,
+    IRQ_SET_DATA_TYPE,
+    ROM_REGION,
+    Backend,
+    IrqInfo,
+)
+from mediator.backends.dma import DmaError, DmaMapping, DmaTable, release
+from mediator.pci.registers import Identity
+from mediator.quirks.table import QuirkTable
+from mediator.virt.config_view import ConfigView
+from mediator.virt.errors import DeviceError, RegionAccessError
+from mediator.virt.plan import DevicePlan, PostResetWrite, TrapWindow, VirtualBar, build_plan
 
 _PADDING = "padding"
 _DEVICE = "device"
 
 
 class VirtualDevice:
-    def __init__(self, backend: Backend, plan: DevicePlan) -> None:
+    def __init__(self, backend: Backend, plan: DevicePlan, max_dma_mappings: int = 65535) -> None:
         self.backend = backend
         self.plan = plan
         self.config = ConfigView(plan.segments, plan.initial_shadow, backend)
         self.trapped_accesses = 0
+        self.dma = DmaTable(max_dma_mappings)
+        backend.attach_dma(self.dma)
+        self._irq_fds: dict[tuple[int, int], int] = {}  # (index, vector) -> eventfd we own
+        self._resample_fds: dict[int, int] = {}
+
+    @classmethod
+    def open(cls, backend: Backend, table: QuirkTable) -> VirtualDevice:
+        """Plan the device the backend presents with the quirks that match it.
+
+        Raises:
+            PlanError: the policy cannot be carried out on this device.
+        """
+        image = backend.read_config(0, backend.config_size)
+        regions = [backend.region_info(index) for index in (*BAR_REGIONS, ROM_REGION)]
+        return cls(backend, build_plan(image, table.for_device(Identity.of(image)), regions))
 
     def region_size(self, index: int) -> int:
         """The size the guest sees."""
@@ -77,11 +119,8 @@ class VirtualDevice:
             offset = stop
 
     def read_region(self, index: int, offset: int, length: int) -> bytes:
-        try:
-            if index == CONFIG_REGION:
-                return self.config.read(offset, length)
-        except ConfigAccessError as e:
-            raise RegionAccessError(str(e)) from None
+        if index == CONFIG_REGION:
+            return self.config.read(offset, length)
         bar = self._bar(index, offset, length)
         out = bytearray()
         for start, stop, handler in self._pieces(bar, offset, length):
@@ -95,14 +134,11 @@ class VirtualDevice:
         return bytes(out)
 
     def write_region(self, index: int, offset: int, data: bytes) -> None:
-        try:
-            if index == CONFIG_REGION:
-                self.config.write(offset, data)
-                return
-        except ConfigAccessError as e:
-            raise RegionAccessError(str(e)) from None
+        if index == CONFIG_REGION:
+            self.config.write(offset, data)
+            return
         if index == ROM_REGION:
-            raise RegionAccessError("the expansion ROM is read-only")
+            raise DeviceError(errno.EPERM, "the expansion ROM is read-only")
         bar = self._bar(index, offset, len(data))
         for start, stop, handler in self._pieces(bar, offset, len(data)):
             piece = data[start - offset : stop - offset]
@@ -137,6 +173,136 @@ class VirtualDevice:
             first, inside = self._config_span(window, start, start + len(data))
             if inside:
                 self.config.write(first, data[:inside])
+
+    def region_fd(self, index: int) -> tuple[int, int] | None:
+        """(fd, file offset) a client may mmap the region's ``mmap_areas`` through."""
+        bar = self.plan.bar(index)
+        if bar is None or not bar.mmap_areas:
+            return None
+        return self.backend.region_fd(index)
+
+    # DMA
+    def dma_map(self, iova: int, size: int, flags: int, fd: int | None, offset: int) -> DmaMapping:
+        """Map guest memory; ``fd`` stays the caller's (the mapping keeps its own mmap)."""
+        try:
+            mapping = self.dma.map(iova, size, flags, fd, offset)
+        except DmaError as e:
+            raise DeviceError(e.errno, str(e)) from None
+        try:
+            self.backend.dma_map(mapping)
+        except Exception:
+            release(self.dma.unmap(iova, size))
+            raise
+        return mapping
+
+    def dma_unmap(self, iova: int, size: int) -> list[DmaMapping]:
+        try:
+            removed = self.dma.unmap(iova, size)
+        except DmaError as e:
+            raise DeviceError(e.errno, str(e)) from None
+        self._release_mappings(removed)
+        return removed
+
+    def dma_unmap_all(self) -> list[DmaMapping]:
+        removed = self.dma.unmap_all()
+        self._release_mappings(removed)
+        return removed
+
+    def _release_mappings(self, mappings: list[DmaMapping]) -> None:
+        try:
+            for mapping in mappings:
+                self.backend.dma_unmap(mapping)
+        finally:
+            release(mappings)
+
+    # interrupts
+    def irq_info(self, index: int) -> IrqInfo:
+        if not 0 <= index < IRQ_COUNT:
+            raise DeviceError(errno.EINVAL, f"no interrupt index {index}")
+        return self.backend.irq_info(index)
+
+    def set_irqs(
+        self, index: int, flags: int, start: int, count: int, *, fds: Sequence[int] = (), bools: bytes = b""
+    ) -> None:
+        """VFIO_DEVICE_SET_IRQS. On success the device owns ``fds``; on error the caller does.
+
+        ``fds`` empty with DATA_EVENTFD and a count means "detach those vectors"
+        (how vfio-user clients send fd -1).
+        """
+        info = self.irq_info(index)
+        data_type, action = flags & IRQ_SET_DATA_TYPE, flags & IRQ_SET_ACTION_TYPE
+        if flags & ~(IRQ_SET_DATA_TYPE | IRQ_SET_ACTION_TYPE):
+            raise DeviceError(errno.EINVAL, f"unknown SET_IRQS flags {flags:#x}")
+        if data_type.bit_count() != 1 or action.bit_count() != 1:
+            raise DeviceError(errno.EINVAL, "SET_IRQS needs exactly one data type and one action")
+        if not info.flags & IRQ_INFO_EVENTFD or info.count == 0:
+            raise DeviceError(errno.EINVAL, f"interrupt index {index} is not implemented")
+        if count == 0:
+            if data_type != IRQ_SET_DATA_NONE or action != IRQ_SET_ACTION_TRIGGER:
+                raise DeviceError(errno.EINVAL, "count 0 only disables an index (DATA_NONE|TRIGGER)")
+            if start:
+                raise DeviceError(errno.EINVAL, "disabling an index takes start 0")
+        elif start + count > info.count:
+            raise DeviceError(
+                errno.EINVAL, f"vectors {start}..{start + count - 1} past index {index}'s {info.count}"
+            )
+        if action != IRQ_SET_ACTION_TRIGGER and (
+            index in (IRQ_ERR, IRQ_REQ) or not info.flags & IRQ_INFO_MASKABLE
+        ):
+            raise DeviceError(errno.EINVAL, f"interrupt index {index} cannot be masked")
+        if data_type == IRQ_SET_DATA_BOOL and len(bools) != count:
+            raise DeviceError(errno.EINVAL, f"{len(bools)} bools for {count} vectors")
+        if data_type != IRQ_SET_DATA_BOOL and bools:
+            raise DeviceError(errno.EINVAL, "data bytes without DATA_BOOL")
+        if data_type == IRQ_SET_DATA_EVENTFD:
+            if fds and len(fds) != count:
+                raise DeviceError(errno.EINVAL, f"{len(fds)} eventfds for {count} vectors")
+            if action == IRQ_SET_ACTION_MASK or (
+                action == IRQ_SET_ACTION_UNMASK and (index != IRQ_INTX or count != 1)
+            ):
+                raise DeviceError(errno.EINVAL, "eventfds only trigger vectors or resample INTx")
+        elif fds:
+            raise DeviceError(errno.EINVAL, "file descriptors without DATA_EVENTFD")
+        eventfds = list(fds) if fds else [-1] * count
+        data: Sequence[int] = eventfds if data_type == IRQ_SET_DATA_EVENTFD else list(bools)
+        self.backend.set_irqs(index, flags, start, count, data)
+        self._own_irq_fds(index, flags, start, count, data)
+
+    def _own_irq_fds(self, index: int, flags: int, start: int, count: int, data: Sequence[int]) -> None:
+        action = flags & IRQ_SET_ACTION_TYPE
+        if count == 0:
+            for key in [k for k in self._irq_fds if k[0] == index]:
+                os.close(self._irq_fds.pop(key))
+            if index in self._resample_fds:
+                os.close(self._resample_fds.pop(index))
+        elif flags & IRQ_SET_DATA_EVENTFD and action == IRQ_SET_ACTION_TRIGGER:
+            for i, fd in enumerate(data):
+                old = self._irq_fds.pop((index, start + i), None)
+                if old is not None:
+                    os.close(old)
+                if fd >= 0:
+                    self._irq_fds[(index, start + i)] = fd
+        elif flags & IRQ_SET_DATA_EVENTFD and action == IRQ_SET_ACTION_UNMASK:
+            old = self._resample_fds.pop(index, None)
+            if old is not None:
+                os.close(old)
+            if data[0] >= 0:
+                self._resample_fds[index] = data[0]
+
+    @property
+    def attached_eventfds(self) -> int:
+        return len(self._irq_fds) + len(self._resample_fds)
+
+    def release_client(self) -> None:
+        """What a departing client leaves behind goes: DMA mappings, eventfds; then a reset."""
+        try:
+            self.dma_unmap_all()
+            for index in range(IRQ_COUNT):
+                if any(k[0] == index for k in self._irq_fds) or index in self._resample_fds:
+                    self.backend.set_irqs(index, IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER, 0, 0, [])
+                    self._own_irq_fds(index, IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER, 0, 0, [])
+        finally:
+            self.reset()
 
     def reset(self) -> None:
         self.backend.reset()

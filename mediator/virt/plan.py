@@ -34,6 +34,7 @@ import mmap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from mediator.backends.base import ROM_REGION, RegionInfo
 from mediator.pci import capabilities as caps
 from mediator.pci.bars import MAX_32BIT_BAR, BarType, format_size, virtual_bar_size
 from mediator.pci.chain import Capability, Chains, walk
@@ -55,7 +56,6 @@ from mediator.quirks.table import selector_applies
 from mediator.virt.rules import RuleKind, Segment
 
 PAGE_SIZE = mmap.PAGESIZE
-ROM_INDEX = 6
 
 
 class PlanError(Exception):
@@ -142,7 +142,7 @@ class DevicePlan:
         return len(self.physical)
 
     def bar(self, index: int) -> VirtualBar | None:
-        if index == ROM_INDEX:
+        if index == ROM_REGION:
             return self.rom
         return next((b for b in self.bars if b.index == index), None)
 
@@ -445,7 +445,9 @@ class _Planner:
         )
 
     # 7. BARs
-    def bars(self, sizes: Sequence[int], rom_size: int) -> tuple[tuple[VirtualBar, ...], VirtualBar | None]:
+    def bars(self, regions: Sequence[RegionInfo]) -> tuple[tuple[VirtualBar, ...], VirtualBar | None]:
+        sizes = [region.size for region in regions[:BAR_COUNT]]
+        rom_size = regions[ROM_REGION].size
         types = [BarType.of(self.image, i) for i in range(BAR_COUNT)]
         virtual_types = list(types)
         for quirk in self.quirks:
@@ -502,7 +504,7 @@ class _Planner:
             self._emulate_bar_register(index, bar_type.flags, address_mask & 0xFFFFFFFF)
             if bar_type.is_64:
                 self._emulate_bar_register(index + 1, 0, address_mask >> 32)
-            mmap_areas = () if bar_type.io else _mmap_areas(size, traps)
+            mmap_areas = () if bar_type.io else _mmap_areas(regions[index].mappable, traps)
             bars.append(VirtualBar(index, size, vsize, types[index], bar_type, mmap_areas, traps))
         rom = None
         if rom_size:
@@ -515,7 +517,7 @@ class _Planner:
                 RuleKind.VIRTUAL,
                 "core:bar-emulation",
             )
-            rom = VirtualBar(ROM_INDEX, rom_size, vsize, BarType(), BarType(), (), ())
+            rom = VirtualBar(ROM_REGION, rom_size, vsize, BarType(), BarType(), (), ())
         else:
             self.layout.emulate(ROM_ADDRESS, bytes(4), bytes(4), RuleKind.VIRTUAL, "core:bar-emulation")
         return tuple(bars), rom
@@ -573,19 +575,23 @@ class _Planner:
         return tuple(writes)
 
 
-def _mmap_areas(size: int, traps: Sequence[TrapWindow]) -> tuple[tuple[int, int], ...]:
-    """Page-aligned areas of the real size that no trap window touches."""
-    end = size - size % PAGE_SIZE
+def _mmap_areas(
+    mappable: Sequence[tuple[int, int]], traps: Sequence[TrapWindow]
+) -> tuple[tuple[int, int], ...]:
+    """The device's mappable areas with every page a trap window touches cut out."""
     holes = sorted((t.offset - t.offset % PAGE_SIZE, -(-t.end // PAGE_SIZE) * PAGE_SIZE) for t in traps)
     areas = []
-    cursor = 0
-    for start, stop in holes:
-        if start > cursor:
-            areas.append((cursor, min(start, end) - cursor))
-        cursor = max(cursor, stop)
-    if cursor < end:
-        areas.append((cursor, end - cursor))
-    return tuple((o, s) for o, s in areas if s > 0)
+    for start, size in mappable:
+        cursor, end = start, start + size
+        for hole_start, hole_end in holes:
+            if hole_end <= cursor or hole_start >= end:
+                continue
+            if hole_start > cursor:
+                areas.append((cursor, hole_start - cursor))
+            cursor = max(cursor, hole_end)
+        if cursor < end:
+            areas.append((cursor, end - cursor))
+    return tuple(areas)
 
 
 def _describe_rule(rule: RegisterRule) -> str:
@@ -604,24 +610,22 @@ def _describe_synthesis(synthesis: Synthesis) -> str:
     return f"clique {synthesis.clique}"
 
 
-def build_plan(
-    image: bytes, quirks: Sequence[Quirk], bar_sizes: Sequence[int], rom_size: int = 0
-) -> DevicePlan:
+def build_plan(image: bytes, quirks: Sequence[Quirk], regions: Sequence[RegionInfo]) -> DevicePlan:
     """The plan for a function whose config image is ``image``.
 
     Args:
         image: the physical config space (256 or 4096 bytes).
         quirks: the quirks that match this function, in decision order.
-        bar_sizes: the real size of BAR0-5 (0 for none, and for the upper
-            register of a 64-bit BAR).
-        rom_size: the real size of the expansion ROM, 0 for none.
+        regions: the real size and mappable areas of BAR0-5 and the ROM (7
+            entries; size 0 for none, and for the upper register of a
+            64-bit BAR).
 
     Raises:
         ChainError: the image is not a config space.
         PlanError: the policy cannot be carried out on this device.
     """
-    if len(bar_sizes) != BAR_COUNT:
-        raise ValueError("bar_sizes needs six entries")
+    if len(regions) != BAR_COUNT + 1:
+        raise ValueError("regions needs BAR0-5 and the ROM")
     planner = _Planner(bytes(image), quirks)
     planner.own_defaults()
     fates = planner.visibility()
@@ -629,7 +633,7 @@ def build_plan(
     planner.apply_config_rules(exposed)
     synthesized = planner.synthesize()
     planner.link_chains(fates, synthesized)
-    bars, rom = planner.bars(bar_sizes, rom_size)
+    bars, rom = planner.bars(regions)
     post_reset = planner.post_reset(bars)
     return DevicePlan(
         identity=Identity.of(image),

@@ -9,7 +9,7 @@ import pytest
 from mediator.pci import capabilities as caps
 from mediator.pci.chain import walk
 from mediator.pci.registers import u16, u32
-from mediator.virt.config_view import ConfigAccessError
+from mediator.virt.errors import RegionAccessError
 from tests.support import device, write_table
 
 
@@ -167,14 +167,14 @@ def test_reset_restores_the_initial_shadow() -> None:
 @pytest.mark.parametrize(("offset", "length"), [(-1, 4), (4095, 2), (0, 0), (0, 4097), (4096, 1)])
 def test_accesses_outside_the_config_space_are_errors(offset: int, length: int) -> None:
     dev, _ = device("h100-sxm5")
-    with pytest.raises(ConfigAccessError, match="outside"):
+    with pytest.raises(RegionAccessError, match="outside"):
         dev.config.read(offset, length)
-    with pytest.raises(ConfigAccessError, match="outside"):
+    with pytest.raises(RegionAccessError, match="outside"):
         dev.config.write(offset, bytes(max(length, 0)))
 
 
 def test_a_256_byte_device_refuses_extended_offsets() -> None:
     dev, _ = device("gm965-igd")
     assert dev.config.size == 256
-    with pytest.raises(ConfigAccessError):
+    with pytest.raises(RegionAccessError):
         dev.config.read(0x100, 4)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 
-from mediator.virt.device import RegionAccessError
+from mediator.virt.errors import DeviceError, RegionAccessError
 from mediator.virt.plan import PAGE_SIZE
 from tests.support import device
 
@@ -88,6 +90,7 @@ def test_unimplemented_regions_and_rom_writes_are_errors() -> None:
     dev, _ = device("h100-sxm5")
     with pytest.raises(RegionAccessError, match="not implemented"):
         dev.read_region(1, 0, 4)  # the upper half of 64-bit BAR0
-    with pytest.raises(RegionAccessError, match="read-only"):
+    with pytest.raises(DeviceError, match="read-only") as refused:
         dev.write_region(6, 0, b"\0")
+    assert refused.value.errno == errno.EPERM
     assert dev.read_region(6, 0x1FFFC, 4) == bytes(4)

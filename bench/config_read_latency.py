@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""Latency of a 4-byte config REGION_READ against `vfio-mediator serve`, as a ratio to the floor.
+
+The floor is pingpong.c: a C request/reply over an AF_UNIX stream socket with
+the same message sizes. The client is vfu-rtt.c, a C vfio-user client. Both,
+and the daemon, are pinned to one CPU (taskset -c CPU), the way a vCPU thread
+and the daemon share a core. Rounds alternate floor and daemon so that the
+machine's noise hits both; the script prints every round and the medians.
+
+    bench/config_read_latency.py [--rounds 5] [--requests 20000] [--profile h100-sxm5] [--cpu 0]
+
+Exit status 0; the judgement is the printed ratio (target: p50 <= 1.5x floor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def build(tools: Path) -> tuple[Path, Path]:
+    binaries = []
+    for name in ("pingpong", "vfu-rtt"):
+        binary = tools / name
+        subprocess.run(["gcc", "-O2", "-o", str(binary), str(HERE / f"{name}.c")], check=True)
+        binaries.append(binary)
+    return binaries[0], binaries[1]
+
+
+def number(pattern: str, text: str) -> float:
+    found = re.search(pattern, text)
+    if not found:
+        raise SystemExit(f"unexpected output: {text!r}")
+    return float(found.group(1))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--profile", default="h100-sxm5")
+    parser.add_argument("--cpu", default="0")
+    parser.add_argument("--offset", default="0", help="config offset to read (default 0: vendor and device ID)")
+    args = parser.parse_args()
+    if not shutil.which("taskset") or not shutil.which("gcc"):
+        raise SystemExit("needs taskset (util-linux) and gcc")
+    pin = ["taskset", "-c", args.cpu]
+    with tempfile.TemporaryDirectory(prefix="vfio-mediator-bench-") as scratch:
+        tools = Path(scratch)
+        pingpong, client = build(tools)
+        sock = tools / "device.sock"
+        daemon = subprocess.Popen(
+            [*pin, sys.executable, "-m", "mediator", "serve", "--profile", args.profile,
+             "--socket", str(sock), "--log-level", "warning"],
+        )
+        try:
+            for _ in range(200):
+                if sock.exists():
+                    break
+                time.sleep(0.05)
+            else:
+                raise SystemExit("the daemon did not create its socket")
+            floors, p50s, p99s = [], [], []
+            for round_number in range(1, args.rounds + 1):
+                floor = subprocess.run([*pin, str(pingpong), str(args.requests)], capture_output=True, text=True, check=True)
+                served = subprocess.run(
+                    [*pin, str(client), str(sock), str(args.requests), "7", args.offset, "4"],
+                    capture_output=True, text=True, check=True,
+                )
+                floors.append(number(r"mean_us=([\d.]+)", floor.stdout))
+                p50s.append(number(r"p50_us=([\d.]+)", served.stdout))
+                p99s.append(number(r"p99_us=([\d.]+)", served.stdout))
+                print(
+                    f"round {round_number}: floor {floors[-1]:6.2f} us   daemon p50 {p50s[-1]:6.2f} us"
+                    f" p99 {p99s[-1]:6.2f} us   p50/floor {p50s[-1] / floors[-1]:.2f}"
+                )
+        finally:
+            daemon.terminate()
+            daemon.wait(timeout=10)
+    floor, p50, p99 = statistics.median(floors), statistics.median(p50s), statistics.median(p99s)
+    print(
+        f"median over {args.rounds} rounds of {args.requests} requests (profile {args.profile}, CPU {args.cpu}, "
+        f"{os.cpu_count()} CPUs): floor {floor:.2f} us, p50 {p50:.2f} us, p99 {p99:.2f} us, "
+        f"p50/floor {p50 / floor:.2f}, p99/floor {p99 / floor:.2f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,315 @@
+"""The server side of one vfio-user connection, sans I/O (h11's shape).
+
+Bytes and file descriptors go in with ``receive``; ``next_request`` hands
+out whole requests, one at a time, and will not hand out the next before the
+current one is answered with ``reply`` or ``error`` (or needs no answer):
+replies leave strictly in request order, as clients rely on. Nothing here
+touches a socket.
+
+Theory of operation:
+
+- Framing. A message is a 16-byte header and ``size - 16`` payload bytes.
+  A header that cannot be right (size < 16, a reply or an unknown type where
+  a command belongs) means the stream can no longer be trusted: that is a
+  ``ProtocolError`` and the caller drops the connection. A message larger
+  than the limit is discarded as it streams in, never buffered, and gets an
+  E2BIG error reply; the connection goes on.
+- File descriptors. Linux delivers the fds of a ``sendmsg`` with the read
+  that ends inside (or at the end of) that message, and never glues data
+  from a later message after it. So the fds of a read belong to the message
+  holding that read's last byte; ``receive`` records them against that
+  stream position. A read whose ancillary data was truncated marks its
+  message, which is then refused (EINVAL) with the fds that did arrive
+  closed. Fds of a message nobody takes are closed when it is answered.
+- Negotiation. VERSION comes first; anything before it is refused (EINVAL).
+  We speak 0.0 (the only version QEMU 11.1 accepts); another major is
+  refused (ENOTSUP). Our capabilities JSON is compact and shrunk further to
+  fit the client's buffer, which is the size of its own request.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mediator.vfio_user.wire import (
+    FLAG_ERROR,
+    FLAG_NO_REPLY,
+    FLAG_TYPE_MASK,
+    HEADER,
+    HEADER_SIZE,
+    TYPE_COMMAND,
+    TYPE_REPLY,
+    header,
+)
+
+_pack_header = HEADER.pack
+SUPPORTED_MAJOR = 0
+SUPPORTED_MINOR = 0
+# Bytes a message may have beyond its data: header, REGION_WRITE fields, slack
+# for VERSION JSON and WRITE_MULTI batches.
+MESSAGE_OVERHEAD = 64 * 1024
+
+
+class ProtocolError(Exception):
+    """The byte stream can no longer be trusted; the connection must end."""
+
+
+class CommandError(Exception):
+    """A command to refuse with ``errno``; the connection goes on."""
+
+    def __init__(self, errno_value: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno_value
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the server advertises and enforces."""
+
+    max_msg_fds: int = 16
+    max_data_xfer_size: int = 1 << 20
+    max_dma_maps: int = 65535
+    pgsizes: int = 4096
+    write_multiple: bool = False
+
+    @property
+    def max_message_size(self) -> int:
+        return HEADER_SIZE + self.max_data_xfer_size + MESSAGE_OVERHEAD
+
+
+class Request:
+    """One command from the client, with the fds that came with it (closed when answered)."""
+
+    __slots__ = ("command", "fds", "fds_truncated", "flags", "msg_id", "payload", "too_big")
+
+    def __init__(
+        self,
+        msg_id: int,
+        command: int,
+        flags: int,
+        payload: bytes,
+        *,
+        fds: list[int] | None = None,
+        fds_truncated: bool = False,
+        too_big: bool = False,
+    ) -> None:
+        self.msg_id = msg_id
+        self.command = command
+        self.flags = flags
+        self.payload = payload
+        self.fds: list[int] = fds or []
+        self.fds_truncated = fds_truncated
+        self.too_big = too_big  # the body was over the size limit and has been discarded
+
+    @property
+    def wants_reply(self) -> bool:
+        return not self.flags & FLAG_NO_REPLY
+
+    def take_fds(self) -> list[int]:
+        """The request's fds, now the caller's to close."""
+        fds, self.fds = self.fds, []
+        return fds
+
+    def close_fds(self) -> None:
+        if self.fds:
+            for fd in self.take_fds():
+                os.close(fd)
+
+
+@dataclass
+class _Oversized:
+    msg_id: int
+    command: int
+    flags: int
+    remaining: int
+
+
+class Connection:
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self.negotiated = False
+        self.write_multiple = False
+        self.client_capabilities: dict[str, object] = {}
+        # Unread bytes are _buffer[_read:]; a read usually brings exactly one whole
+        # message, which is then parsed where it lies, without copying.
+        self._buffer = b""
+        self._read = 0
+        self._buffer_pos = 0  # stream position of _buffer[0]
+        self._fds: list[
+            tuple[int, list[int], bool]
+        ] = []  # (stream position of a read's last byte, fds, truncated)
+        self._skipping: _Oversized | None = None
+        self._current: Request | None = None
+
+    # input
+    def receive(
+        self, data: bytes | memoryview, fds: Sequence[int] = (), *, fds_truncated: bool = False
+    ) -> None:
+        """Bytes (and the fds that came with them) read from the socket."""
+        if not data:
+            if fds:
+                self._close(list(fds))
+            return
+        if fds or fds_truncated:
+            last_byte = self._buffer_pos + len(self._buffer) + len(data) - 1
+            self._fds.append((last_byte, list(fds), fds_truncated))
+        if self._read == len(self._buffer):
+            self._buffer_pos += self._read
+            self._buffer = bytes(data)
+        else:
+            self._buffer_pos += self._read
+            self._buffer = self._buffer[self._read :] + data
+        self._read = 0
+
+    def next_request(self) -> Request | None:
+        """The next whole request, or None until more bytes arrive.
+
+        Raises:
+            ProtocolError: the stream cannot be trusted any more.
+            RuntimeError: the previous request has not been answered.
+        """
+        if self._current is not None:
+            raise RuntimeError(f"request {self._current.msg_id} has not been answered")
+        if self._skipping is not None:
+            return self._skip()
+        at = self._read
+        if len(self._buffer) - at < HEADER_SIZE:
+            return None
+        msg_id, command, size, flags, _ = HEADER.unpack_from(self._buffer, at)
+        if size < HEADER_SIZE:
+            raise ProtocolError(f"message {msg_id} claims {size} bytes, less than its header")
+        if flags & FLAG_TYPE_MASK != TYPE_COMMAND:
+            kind = "a reply" if flags & FLAG_TYPE_MASK == TYPE_REPLY else f"type {flags & FLAG_TYPE_MASK}"
+            raise ProtocolError(f"message {msg_id} is {kind}; the server only takes commands")
+        if size > self.limits.max_message_size:
+            self._skipping = _Oversized(msg_id, command, flags, size)
+            return self._skip()
+        if len(self._buffer) - at < size:
+            return None
+        payload = self._buffer[at + HEADER_SIZE : at + size]
+        if self._fds:
+            fds, truncated = self._claim_fds(size)
+            self._current = Request(msg_id, command, flags, payload, fds=fds, fds_truncated=truncated)
+        else:
+            self._current = Request(msg_id, command, flags, payload)
+        self._read = at + size
+        return self._current
+
+    def _claim_fds(self, size: int) -> tuple[list[int], bool]:
+        """The fds of the ``size`` bytes starting at the read position."""
+        end = self._buffer_pos + self._read + size
+        fds: list[int] = []
+        truncated = False
+        while self._fds and self._fds[0][0] < end:
+            _, more, cut = self._fds.pop(0)
+            fds += more
+            truncated |= cut
+        return fds, truncated
+
+    def _skip(self) -> Request | None:
+        skipping = self._skipping
+        assert skipping is not None
+        drop = min(skipping.remaining, len(self._buffer) - self._read)
+        fds, _ = self._claim_fds(drop)
+        self._close(fds)
+        self._read += drop
+        skipping.remaining -= drop
+        if skipping.remaining:
+            return None
+        self._skipping = None
+        self._current = Request(skipping.msg_id, skipping.command, skipping.flags, b"", too_big=True)
+        return self._current
+
+    # output
+    def reply(self, request: Request, payload: bytes = b"") -> bytes:
+        """The reply to ``request`` (empty when it asked for none); closes fds it left."""
+        self._answered(request)
+        if request.flags & FLAG_NO_REPLY:
+            return b""
+        return (
+            _pack_header(request.msg_id, request.command, HEADER_SIZE + len(payload), TYPE_REPLY, 0) + payload
+        )
+
+    def error(self, request: Request, errno_value: int) -> bytes:
+        self._answered(request)
+        if not request.wants_reply:
+            return b""
+        return header(request.msg_id, request.command, HEADER_SIZE, TYPE_REPLY | FLAG_ERROR, errno_value)
+
+    def _answered(self, request: Request) -> None:
+        if request is not self._current:
+            raise RuntimeError(f"request {request.msg_id} is not the one being answered")
+        if request.fds:
+            request.close_fds()
+        self._current = None
+
+    # negotiation
+    def negotiate(self, request: Request) -> bytes:
+        """The VERSION reply payload.
+
+        Raises:
+            CommandError: malformed proposal (EINVAL), another major (ENOTSUP).
+        """
+        if len(request.payload) < 4:
+            raise CommandError(errno.EINVAL, f"VERSION payload of {len(request.payload)} bytes, need 4")
+        major = int.from_bytes(request.payload[0:2], "little")
+        minor = int.from_bytes(request.payload[2:4], "little")
+        del minor  # any minor of our major is answered with ours, which is not higher
+        if major != SUPPORTED_MAJOR:
+            raise CommandError(
+                errno.ENOTSUP, f"client speaks vfio-user {major}.x, we speak {SUPPORTED_MAJOR}.x"
+            )
+        self.client_capabilities = self._client_capabilities(request.payload[4:])
+        self.negotiated = True
+        self.write_multiple = bool(self._capability_sets()[0].get("write_multiple"))
+        version = SUPPORTED_MAJOR.to_bytes(2, "little") + SUPPORTED_MINOR.to_bytes(2, "little")
+        room = HEADER_SIZE + 4 + len(request.payload[4:])  # the client's buffer is its request's size
+        for capabilities in self._capability_sets():
+            text = json.dumps({"capabilities": capabilities}, separators=(",", ":")).encode() + b"\0"
+            if HEADER_SIZE + len(version) + len(text) <= room:
+                return version + text
+        return version
+
+    @staticmethod
+    def _client_capabilities(blob: bytes) -> dict[str, object]:
+        text = blob.split(b"\0", 1)[0]
+        if not text:
+            return {}
+        try:
+            parsed = json.loads(text)
+        except (ValueError, UnicodeDecodeError):
+            raise CommandError(errno.EINVAL, "VERSION capabilities are not JSON") from None
+        capabilities = parsed.get("capabilities", {}) if isinstance(parsed, dict) else None
+        if not isinstance(capabilities, dict):
+            raise CommandError(errno.EINVAL, "VERSION capabilities must be a JSON object")
+        return capabilities
+
+    def _capability_sets(self) -> list[dict[str, object]]:
+        """Our capabilities, most complete first, to fit the client's buffer."""
+        limits = self.limits
+        essential: dict[str, object] = {
+            "max_msg_fds": limits.max_msg_fds,
+            "max_data_xfer_size": limits.max_data_xfer_size,
+        }
+        full = dict(essential, max_dma_maps=limits.max_dma_maps, pgsizes=limits.pgsizes)
+        if limits.write_multiple and self.client_capabilities.get("write_multiple") is True:
+            full["write_multiple"] = True
+        return [full, essential]
+
+    # teardown
+    def close(self) -> None:
+        """Close every fd still held: buffered, or attached to an unanswered request."""
+        for _, fds, _ in self._fds:
+            self._close(fds)
+        self._fds.clear()
+        if self._current is not None:
+            self._current.close_fds()
+
+    @staticmethod
+    def _close(fds: list[int]) -> None:
+        for fd in fds:
+            os.close(fd)

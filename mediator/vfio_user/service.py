@@ -1,0 +1,300 @@
+"""Serving one client's requests from a virtual device.
+
+``DeviceService.handle`` takes one request from the ``Connection`` and
+returns the reply bytes and the fds to send with them (borrowed: the sender
+must not close them). Every refusal becomes an error reply with an errno
+(``CommandError``/``DeviceError``/``DmaError``; a failing backend is EIO);
+nothing a client sends escapes as an exception. Each handler checks its
+payload length and ``argsz`` before it reads a field.
+
+What is served, in vfio-pci's terms: a PCI device with reset, nine regions
+(BAR0-5, ROM, config, VGA) of power-of-two sizes with mmappable areas handed
+out as one fd and a sparse-mmap capability in the second step of the
+``argsz`` exchange, five interrupt indexes, DMA mappings, and region reads
+and writes through the quirk table's view.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from mediator.backends.base import (
+    BAR_REGIONS,
+    CONFIG_REGION,
+    IRQ_COUNT,
+    REGION_COUNT,
+    ROM_REGION,
+    BackendError,
+)
+from mediator.backends.dma import DMA_READ, DMA_WRITE, DmaError
+from mediator.vfio_user import wire
+from mediator.vfio_user.connection import CommandError, Connection, Request
+from mediator.vfio_user.wire import REGION_ACCESS, WRITE_MULTI_ENTRY, Command
+from mediator.virt.device import VirtualDevice
+from mediator.virt.errors import DeviceError
+
+log = structlog.get_logger("mediator.vfio_user")
+
+Reply = tuple[bytes, list[int]]
+# The most writes QEMU batches into one REGION_WRITE_MULTI.
+WRITE_MULTI_MAX = 200
+FDS_ALLOWED: dict[int, int | None] = {
+    Command.DMA_MAP: 1,
+    Command.DEVICE_SET_IRQS: None,
+}  # None: up to max_msg_fds
+
+
+def _fields(schema: Any, payload: bytes, name: str) -> Any:
+    """Parse a fixed-size struct at the start of ``payload``; its argsz must cover it."""
+    size = schema.sizeof()
+    if len(payload) < size:
+        raise CommandError(errno.EINVAL, f"{name} payload of {len(payload)} bytes, need {size}")
+    parsed = schema.parse(payload[:size])
+    if parsed.argsz < size:
+        raise CommandError(errno.EINVAL, f"{name} argsz {parsed.argsz} is below {size}")
+    return parsed
+
+
+class DeviceService:
+    def __init__(self, device: VirtualDevice, connection: Connection) -> None:
+        self.device = device
+        self.connection = connection
+        self.handled = 0
+        self._handlers: dict[int, Callable[[Request], Reply]] = {
+            Command.VERSION: self._version,
+            Command.DMA_MAP: self._dma_map,
+            Command.DMA_UNMAP: self._dma_unmap,
+            Command.DEVICE_GET_INFO: self._device_info,
+            Command.DEVICE_GET_REGION_INFO: self._region_info,
+            Command.DEVICE_GET_IRQ_INFO: self._irq_info,
+            Command.DEVICE_SET_IRQS: self._set_irqs,
+            Command.REGION_READ: self._region_read,
+            Command.REGION_WRITE: self._region_write,
+            Command.DEVICE_RESET: self._reset,
+            Command.REGION_WRITE_MULTI: self._write_multi,
+            Command.DEVICE_FEATURE: self._feature,
+        }
+        self._refused: dict[int, tuple[int, str]] = {
+            Command.DEVICE_GET_REGION_IO_FDS: (errno.ENOTSUP, "region I/O fds are not offered"),
+            Command.MIG_DATA_READ: (errno.ENOTSUP, "migration is not supported"),
+            Command.MIG_DATA_WRITE: (errno.ENOTSUP, "migration is not supported"),
+            Command.DMA_READ: (errno.EINVAL, "DMA_READ goes from server to client"),
+            Command.DMA_WRITE: (errno.EINVAL, "DMA_WRITE goes from server to client"),
+        }
+
+    def handle(self, request: Request) -> Reply:
+        """The reply to one request: (bytes, fds to send with them)."""
+        self.handled += 1
+        try:
+            handler = self._handlers.get(request.command)
+            if (
+                handler is None
+                or request.fds
+                or request.too_big
+                or request.fds_truncated
+                or not self.negotiated()
+            ):
+                handler = self._checked_handler(request)
+            payload, fds = handler(request)
+        except (CommandError, DeviceError, DmaError) as e:
+            return self._refuse(request, e.errno, str(e))
+        except BackendError as e:
+            return self._refuse(request, errno.EIO, f"device error: {e}")
+        except Exception:  # a bug must not take the daemon down: the client gets EIO
+            log.exception("request failed", msg_id=request.msg_id, command=request.command)
+            return self.connection.error(request, errno.EIO), []
+        return self.connection.reply(request, payload), fds
+
+    def _refuse(self, request: Request, errno_value: int, why: str) -> Reply:
+        log.info(
+            "request refused",
+            msg_id=request.msg_id,
+            command=_command_name(request.command),
+            errno=errno.errorcode.get(errno_value, errno_value),
+            why=why,
+        )
+        return self.connection.error(request, errno_value), []
+
+    def negotiated(self) -> bool:
+        return self.connection.negotiated
+
+    def _checked_handler(self, request: Request) -> Callable[[Request], Reply]:
+        """The handler for a request that is not a plain negotiated one; raises CommandError to refuse."""
+        command = request.command
+        if request.too_big:
+            raise CommandError(
+                errno.E2BIG, f"message over the {self.connection.limits.max_message_size}-byte limit"
+            )
+        if request.fds_truncated:
+            raise CommandError(errno.EINVAL, f"more than {self.connection.limits.max_msg_fds} fds")
+        if command != Command.VERSION and not self.connection.negotiated:
+            raise CommandError(errno.EINVAL, "VERSION must come first")
+        allowed = FDS_ALLOWED.get(command, 0)
+        if allowed is not None and len(request.fds) > allowed:
+            raise CommandError(errno.EINVAL, f"{len(request.fds)} fds where at most {allowed} belong")
+        handler = self._handlers.get(command)
+        if handler is not None:
+            return handler
+        refused = self._refused.get(command)
+        if refused is not None:
+            raise CommandError(*refused)
+        raise CommandError(errno.ENOSYS, f"unknown command {command}")
+
+    def _version(self, request: Request) -> Reply:
+        if self.connection.negotiated:
+            raise CommandError(errno.EINVAL, "the version was already negotiated")
+        return self.connection.negotiate(request), []
+
+    def _dma_map(self, request: Request) -> Reply:
+        p = _fields(wire.DmaMap, request.payload, "DMA_MAP")
+        if p.flags & ~(DMA_READ | DMA_WRITE):
+            raise CommandError(errno.EINVAL, f"DMA_MAP flags {p.flags:#x}")
+        fd = request.fds[0] if request.fds else None
+        self.device.dma_map(p.addr, p.size, p.flags, fd, p.offset)
+        return b"", []
+
+    def _dma_unmap(self, request: Request) -> Reply:
+        p = _fields(wire.DmaUnmap, request.payload, "DMA_UNMAP")
+        flags, addr, size = p.flags, p.addr, p.size
+        if flags & wire.DMA_UNMAP_GET_DIRTY_BITMAP:
+            raise CommandError(errno.ENOTSUP, "dirty page tracking is not supported")
+        if flags & ~wire.DMA_UNMAP_ALL:
+            raise CommandError(errno.EINVAL, f"DMA_UNMAP flags {flags:#x}")
+        if flags & wire.DMA_UNMAP_ALL:
+            if addr or size:
+                raise CommandError(errno.EINVAL, "DMA_UNMAP_ALL takes address and size 0")
+            self.device.dma_unmap_all()
+        else:
+            self.device.dma_unmap(addr, size)
+        return request.payload[: wire.DmaUnmap.sizeof()], []
+
+    def _device_info(self, request: Request) -> Reply:
+        _fields(wire.DeviceInfo, request.payload, "DEVICE_GET_INFO")
+        flags = wire.DEVICE_FLAGS_RESET | wire.DEVICE_FLAGS_PCI
+        return wire.DeviceInfo.build(
+            {
+                "argsz": wire.DeviceInfo.sizeof(),
+                "flags": flags,
+                "num_regions": REGION_COUNT,
+                "num_irqs": IRQ_COUNT,
+            }
+        ), []
+
+    def _region_info(self, request: Request) -> Reply:
+        p = _fields(wire.RegionInfo, request.payload, "DEVICE_GET_REGION_INFO")
+        index, argsz = p.index, p.argsz
+        if index >= REGION_COUNT:
+            raise CommandError(errno.EINVAL, f"no region {index}")
+        size = self.device.region_size(index)
+        flags = 0
+        if size:
+            flags = wire.REGION_FLAG_READ
+            if index in BAR_REGIONS or index == CONFIG_REGION:
+                flags |= wire.REGION_FLAG_WRITE
+        caps = b""
+        fd_offset = None
+        bar = self.device.plan.bar(index) if index in (*BAR_REGIONS, ROM_REGION) else None
+        mappable = self.device.region_fd(index) if bar is not None else None
+        if bar is not None and mappable is not None:
+            flags |= wire.REGION_FLAG_MMAP
+            fd_offset = mappable
+            if bar.mmap_areas != ((0, size),):
+                caps = _sparse_mmap(bar.mmap_areas)
+        needed = wire.RegionInfo.sizeof() + len(caps)
+        info = {"index": index, "size": size, "offset": fd_offset[1] if fd_offset else 0}
+        if argsz < needed:  # first step: say how much room the caps need; no caps, no fd
+            return wire.RegionInfo.build(dict(info, argsz=needed, flags=flags, cap_offset=0)), []
+        if caps:
+            flags |= wire.REGION_FLAG_CAPS
+        cap_offset = wire.RegionInfo.sizeof() if caps else 0
+        reply = wire.RegionInfo.build(dict(info, argsz=needed, flags=flags, cap_offset=cap_offset)) + caps
+        return reply, [fd_offset[0]] if fd_offset else []
+
+    def _irq_info(self, request: Request) -> Reply:
+        p = _fields(wire.IrqInfo, request.payload, "DEVICE_GET_IRQ_INFO")
+        index = p.index
+        info = self.device.irq_info(index)
+        return wire.IrqInfo.build(
+            {"argsz": wire.IrqInfo.sizeof(), "flags": info.flags, "index": index, "count": info.count}
+        ), []
+
+    def _set_irqs(self, request: Request) -> Reply:
+        p = _fields(wire.SetIrqs, request.payload, "DEVICE_SET_IRQS")
+        data = request.payload[wire.SetIrqs.sizeof() :]
+        if len(request.fds) > self.connection.limits.max_msg_fds:
+            raise CommandError(errno.EINVAL, f"{len(request.fds)} fds, over max_msg_fds")
+        self.device.set_irqs(
+            p.index,
+            p.flags,
+            p.start,
+            p.count,
+            fds=request.fds,
+            bools=data,
+        )
+        request.take_fds()  # the device owns them now
+        return b"", []
+
+    def _region_read(self, request: Request) -> Reply:
+        payload = request.payload
+        if len(payload) != REGION_ACCESS.size:
+            raise CommandError(errno.EINVAL, f"REGION_READ payload of {len(payload)} bytes, need 16")
+        offset, region, count = REGION_ACCESS.unpack_from(payload)
+        if count > self.connection.limits.max_data_xfer_size:
+            raise CommandError(errno.EINVAL, f"REGION_READ of {count} bytes, over max_data_xfer_size")
+        return payload + self.device.read_region(region, offset, count), []
+
+    def _region_write(self, request: Request) -> Reply:
+        payload = request.payload
+        if len(payload) < REGION_ACCESS.size:
+            raise CommandError(errno.EINVAL, f"REGION_WRITE payload of {len(payload)} bytes, need 16+")
+        offset, region, count = REGION_ACCESS.unpack_from(payload)
+        if len(payload) != REGION_ACCESS.size + count:
+            raise CommandError(
+                errno.EINVAL, f"REGION_WRITE says {count} bytes but carries {len(payload) - 16}"
+            )
+        self.device.write_region(region, offset, payload[REGION_ACCESS.size :])
+        return payload[: REGION_ACCESS.size], []
+
+    def _write_multi(self, request: Request) -> Reply:
+        if not self.connection.write_multiple:
+            raise CommandError(errno.ENOTSUP, "write_multiple was not negotiated")
+        payload = request.payload
+        if len(payload) < 8:
+            raise CommandError(errno.EINVAL, "REGION_WRITE_MULTI without a count")
+        count = int.from_bytes(payload[:8], "little")
+        if count > WRITE_MULTI_MAX or len(payload) != 8 + count * WRITE_MULTI_ENTRY.size:
+            raise CommandError(errno.EINVAL, f"REGION_WRITE_MULTI of {count} writes in {len(payload)} bytes")
+        writes = [
+            WRITE_MULTI_ENTRY.unpack_from(payload, 8 + i * WRITE_MULTI_ENTRY.size) for i in range(count)
+        ]
+        for offset, region, length, data in writes:
+            if not 0 < length <= 8:
+                raise CommandError(errno.EINVAL, f"REGION_WRITE_MULTI entry of {length} bytes")
+            self.device.write_region(region, offset, data[:length])
+        return payload[:8], []
+
+    def _reset(self, request: Request) -> Reply:
+        del request
+        self.device.reset()
+        return b"", []
+
+    def _feature(self, request: Request) -> Reply:
+        p = _fields(wire.DeviceFeature, request.payload, "DEVICE_FEATURE")
+        raise CommandError(errno.ENOTSUP, f"device feature {p.flags & 0xFFFF} is not supported")
+
+
+def _sparse_mmap(areas: tuple[tuple[int, int], ...]) -> bytes:
+    header: bytes = wire.CapabilityHeader.build({"id": wire.REGION_CAP_SPARSE_MMAP, "version": 1, "next": 0})
+    body: bytes = wire.SparseMmap.build({"nr_areas": len(areas), "reserved": 0})
+    return header + body + b"".join(wire.SparseArea.build({"offset": o, "size": s}) for o, s in areas)
+
+
+def _command_name(command: int) -> str:
+    try:
+        return Command(command).name
+    except ValueError:
+        return str(command)

@@ -1,0 +1,95 @@
+"""Moving vfio-user messages over a client's UNIX socket, with their fds.
+
+The socket is blocking and one thread owns it: ``pump`` reads whatever the
+client sent with ``recvmsg`` (fds as SCM_RIGHTS, ``MSG_CTRUNC`` reported so
+the connection can refuse a message whose fds were cut), hands every whole
+request to the service in order, and sends the replies, batched into one
+write when several are ready and none carries an fd. A reply with an fd goes
+alone in its own ``sendmsg``.
+
+Why a blocking socket in a thread and not trio's: on this machine kind a
+4-byte REGION_READ round trip costs the C socket floor x1.3-1.5 with a
+blocking loop and x2.3 when every read waits in trio's scheduler
+(``wait_readable``), and the guest's config and trapped-BAR accesses wait on
+every one of them. trio still runs everything else: it accepts clients,
+starts and stops each pump in a worker thread, and shuts a client's socket
+to stop its pump (see ``server``).
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+from collections.abc import Sequence
+
+import structlog
+
+from mediator.vfio_user.connection import Connection, ProtocolError
+from mediator.vfio_user.service import DeviceService
+
+log = structlog.get_logger("mediator.vfio_user")
+
+RECEIVE_SIZE = 1 << 17
+FD_SIZE = array.array("i").itemsize
+
+
+class MessageSocket:
+    def __init__(self, sock: socket.socket, max_fds: int) -> None:
+        self.sock = sock
+        self._ancillary_size = socket.CMSG_SPACE(max_fds * FD_SIZE)
+
+    def receive(self, connection: Connection) -> bool:
+        """One read into ``connection``; False when the client has closed its end."""
+        data, ancillary, flags, _ = self.sock.recvmsg(
+            RECEIVE_SIZE, self._ancillary_size, socket.MSG_CMSG_CLOEXEC
+        )
+        fds: list[int] = []
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.extend(array.array("i", payload[: len(payload) - len(payload) % FD_SIZE]))
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            return False
+        connection.receive(data, fds, fds_truncated=bool(flags & socket.MSG_CTRUNC))
+        return True
+
+    def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        if fds:
+            sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        else:
+            sent = self.sock.send(data)  # one syscall for the usual small reply; sendall loops
+        if sent < len(data):
+            self.sock.sendall(data[sent:])
+
+
+def pump(messages: MessageSocket, connection: Connection, service: DeviceService) -> str:
+    """Serve requests until the client goes; returns why the session ended."""
+    pending: list[bytes] = []
+    next_request, handle, send = connection.next_request, service.handle, messages.send
+    try:
+        while True:
+            request = next_request()
+            if request is None:
+                if pending:
+                    send(pending[0] if len(pending) == 1 else b"".join(pending))
+                    pending.clear()
+                if not messages.receive(connection):
+                    return "client closed the connection"
+                continue
+            reply, fds = handle(request)
+            if fds:
+                if pending:
+                    send(b"".join(pending))
+                    pending.clear()
+                send(reply, fds)
+            elif reply:
+                pending.append(reply)
+    except ProtocolError as e:
+        log.warning("dropping client: the stream cannot be trusted", why=str(e))
+        return f"protocol error: {e}"
+    except OSError as e:
+        return f"socket error: {e.strerror or e}"
+    finally:
+        connection.close()
