@@ -28,6 +28,9 @@ class with class_mask; each a value or a list) and any number of actions:
     (passed through, logged).
 ``bar_flags``
     the guest's view of a BAR's type (64-bit, prefetchable).
+``resizable_bar = "current-size"``
+    Resizable BAR capabilities offer only each BAR's current size and
+    cannot be written (as QEMU does); one whose size cannot be encoded is hidden.
 ``post_reset``
     BAR register writes the daemon makes after every reset.
 
@@ -134,6 +137,7 @@ class Quirk(Struct, forbid_unknown_fields=True, frozen=True):
     registers: list[RegisterRule] = field(default_factory=list)
     hide_ranges: list[ConfigRange] = field(default_factory=list)
     gaps: GapPolicy | None = None
+    resizable_bar: Literal["current-size"] | None = None
     synthesize: list[Synthesis] = field(default_factory=list)
     bar_traps: list[BarTrap] = field(default_factory=list)
     bar_flags: list[BarFlags] = field(default_factory=list)

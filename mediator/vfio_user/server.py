@@ -66,6 +66,7 @@ class DeviceServer:
         self.limits = limits or Limits(max_dma_maps=device.dma.max_mappings)
         self.sessions = 0
         self.refused = 0
+        self.service: DeviceService | None = None  # the live session's, for counters
         self._busy = False
         self._counter = itertools.count(1)
 
@@ -106,7 +107,7 @@ class DeviceServer:
             client.setblocking(True)
             log.info("client connected")
             connection = Connection(self.limits)
-            service = DeviceService(self.device, connection)
+            service = self.service = DeviceService(self.device, connection)
             why = pump(MessageSocket(client, self.limits.max_msg_fds), connection, service)
             mappings, eventfds = len(self.device.dma), self.device.attached_eventfds
             try:

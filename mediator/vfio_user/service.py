@@ -17,6 +17,7 @@ and writes through the quirk table's view.
 from __future__ import annotations
 
 import errno
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -63,7 +64,7 @@ class DeviceService:
     def __init__(self, device: VirtualDevice, connection: Connection) -> None:
         self.device = device
         self.connection = connection
-        self.handled = 0
+        self.counts: Counter[int] = Counter()  # requests by command
         self._handlers: dict[int, Callable[[Request], Reply]] = {
             Command.VERSION: self._version,
             Command.DMA_MAP: self._dma_map,
@@ -88,7 +89,7 @@ class DeviceService:
 
     def handle(self, request: Request) -> Reply:
         """The reply to one request: (bytes, fds to send with them)."""
-        self.handled += 1
+        self.counts[request.command] += 1
         try:
             handler = self._handlers.get(request.command)
             if (
@@ -121,6 +122,10 @@ class DeviceService:
 
     def negotiated(self) -> bool:
         return self.connection.negotiated
+
+    @property
+    def handled(self) -> int:
+        return self.counts.total()
 
     def _checked_handler(self, request: Request) -> Callable[[Request], Reply]:
         """The handler for a request that is not a plain negotiated one; raises CommandError to refuse."""

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from mediator.backends.base import ROM_REGION, RegionInfo
 from mediator.pci import capabilities as caps
 from mediator.pci.bars import MAX_32BIT_BAR, BarType, format_size, virtual_bar_size
+from mediator.pci.capabilities import CapKind
 from mediator.pci.chain import Capability, Chains, walk
 from mediator.pci.registers import (
     BAR_COUNT,
@@ -50,12 +51,16 @@ from mediator.pci.registers import (
     STATUS_CAP_LIST,
     Identity,
     bar_offset,
+    u32,
 )
 from mediator.quirks.schema import GapPolicy, Quirk, RegisterRule, Synthesis, TrapAction
 from mediator.quirks.table import selector_applies
 from mediator.virt.rules import RuleKind, Segment
 
 PAGE_SIZE = mmap.PAGESIZE
+# Resizable BAR: a current size field above 27 (128 TiB) has no bit in the capability register.
+REBAR_MAX_ENCODABLE = 27
+REBAR_CONTROL_KEPT = 0x3FE7  # BAR index, number of BARs, current size
 
 
 class PlanError(Exception):
@@ -265,6 +270,7 @@ class _Planner:
         self.quirks = list(quirks)
         self.decisions: list[Decision] = []
         self.anomalies = list(self.chains.anomalies)
+        self.rebar_unencodable: list[Capability] = []
         gaps: GapPolicy = "read-only"
         gaps_by = "core:default-gaps"
         for quirk in self.quirks:
@@ -348,11 +354,34 @@ class _Planner:
                         start, virtual, _mask_bytes(rule.writable, size), kind, quirk.name, value=value
                     )
                     self.decide(quirk.name, "register", target, _describe_rule(rule))
+            if quirk.resizable_bar == "current-size":
+                for cap in exposed:
+                    if cap.kind is CapKind.EXT and cap.id == caps.REBAR:
+                        self._rebar_current_size(cap, quirk.name)
             for span in quirk.hide_ranges:
                 end = min(span.offset + span.size, len(self.image))
                 if span.offset < end:
                     layout.hide(span.offset, end, quirk.name)
                     self.decide(quirk.name, "hide-range", f"{span.offset:#x}-{end - 1:#x}")
+
+    def _rebar_current_size(self, cap: Capability, by: str) -> None:
+        """Each BAR entry offers its current size only, read-only (QEMU's virtualization)."""
+        sizes = []
+        for entry in range(cap.length // 8):
+            control = u32(self.image, cap.offset + 8 + 8 * entry)
+            sizes.append((entry, control, (control >> 8) & 0x3F))
+        if any(size > REBAR_MAX_ENCODABLE for _, _, size in sizes):
+            self.rebar_unencodable.append(cap)
+            return
+        for entry, control, size in sizes:
+            at = cap.offset + 4 + 8 * entry
+            capability = (1 << (size + 4)).to_bytes(4, "little")
+            self.layout.emulate(at, capability, bytes(4), RuleKind.VIRTUAL, by)
+            kept = (control & REBAR_CONTROL_KEPT).to_bytes(4, "little")
+            self.layout.emulate(at + 4, kept, bytes(4), RuleKind.VIRTUAL, by)
+        self.decide(
+            by, "current-size", cap.label(), ", ".join(f"entry {e}: size field {s}" for e, _, s in sizes)
+        )
 
     def _register_targets(
         self, rule: RegisterRule, exposed: list[Capability]
@@ -631,6 +660,9 @@ def build_plan(image: bytes, quirks: Sequence[Quirk], regions: Sequence[RegionIn
     fates = planner.visibility()
     exposed = [c for c in planner.chains.all() if not fates[c].hidden]
     planner.apply_config_rules(exposed)
+    for cap in planner.rebar_unencodable:
+        fates[cap] = CapabilityFate(cap, hidden=True, decided_by="core:resizable-bar")
+        planner.decide("core:resizable-bar", "hide", cap.label(), "a current size cannot be encoded")
     synthesized = planner.synthesize()
     planner.link_chains(fates, synthesized)
     bars, rom = planner.bars(regions)
