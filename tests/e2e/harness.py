@@ -123,27 +123,16 @@ class Machine:
             device |= {"addr": "05.0"}
             self.bdf = (0, 5, 0)
         self.stderr_path = self.folder / "qemu.stderr"
+        self.qmp_path = self.folder / "qmp.sock"
         self.process = subprocess.Popen(
             [
                 qemu_binary(),
-                "-machine",
-                "q35,memory-backend=mem",
-                "-object",
-                f"memory-backend-memfd,id=mem,size={RAM_SIZE},share=on",
-                "-global",
-                "q35-pcihost.pci-hole64-size=512G",
-                "-accel",
-                "qtest",
-                "-qtest",
-                f"unix:{qtest_path}",
-                "-qtest-log",
-                "/dev/null",
-                "-display",
-                "none",
-                "-nodefaults",
+                *["-machine", "q35,memory-backend=mem", "-global", "q35-pcihost.pci-hole64-size=512G"],
+                *["-accel", "qtest", "-qtest-log", "/dev/null", "-display", "none", "-nodefaults"],
+                *["-object", f"memory-backend-memfd,id=mem,size={RAM_SIZE},share=on"],
+                *["-qtest", f"unix:{qtest_path}", "-qmp", f"unix:{self.qmp_path},server=on,wait=off"],
                 *topology,
-                "-device",
-                json.dumps(device),
+                *["-device", json.dumps(device)],
                 *extra,
             ],
             stdout=subprocess.DEVNULL,
@@ -203,6 +192,30 @@ class Machine:
 
     def value(self, line: str) -> int:
         return int(self.command(line), 16)
+
+    def qmp(self, command: str, **arguments: object) -> object:
+        """One QMP command on a fresh monitor connection; its ``return`` value."""
+        with socket.socket(socket.AF_UNIX) as monitor:
+            monitor.settimeout(30)
+            monitor.connect(str(self.qmp_path))
+            stream = monitor.makefile("rw", buffering=1)
+            json.loads(stream.readline())  # greeting
+            for name, args in (("qmp_capabilities", {}), (command, arguments)):
+                stream.write(json.dumps({"execute": name, "arguments": args}) + "\n")
+                while True:
+                    answer = json.loads(stream.readline())
+                    if "return" in answer or "error" in answer:
+                        break
+                if "error" in answer:
+                    raise RuntimeError(f"QMP {name}: {answer['error']}")
+            return answer["return"]
+
+    # guest memory
+    def read_memory(self, address: int, size: int) -> bytes:
+        return bytes.fromhex(self.command(f"read {address:#x} {size}")[2:])
+
+    def write_memory(self, address: int, data: bytes) -> None:
+        self.command(f"write {address:#x} {len(data)} 0x{data.hex()}")
 
     # config space
     def _cf8(self, bdf: tuple[int, int, int], offset: int) -> None:

@@ -25,7 +25,12 @@ def test_the_default_profile_is_an_nvlink_capable_h100() -> None:
     prof = load_profile(PROFILES[DEFAULT_PROFILE])
     assert prof.image[:4] == bytes.fromhex("de103023")
     assert prof.irqs.msix == 9 and prof.irqs.intx == 1
-    assert [b.kind for b in prof.behaviours] == ["config-mirror", "config-mirror"]
+    assert [b.kind for b in prof.behaviours] == [
+        "config-mirror",
+        "config-mirror",
+        "irq-doorbell",
+        "dma-engine",
+    ]
 
 
 def test_a_stated_bar_type_is_written_into_a_zero_register() -> None:
