@@ -128,10 +128,14 @@ async def _shut_on_cancel(client: socket.socket) -> None:
 async def serve_until_signalled(
     server: DeviceServer, path: Path, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Serve on ``path`` until SIGTERM or SIGINT; the socket file is removed on the way out."""
-    listener = bind_unix(path)
-    try:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    """Serve on ``path`` until SIGTERM or SIGINT; the socket file is removed on the way out.
+
+    The signal handlers are in place before the socket exists, so a client or
+    a service manager that sees the socket can always stop the daemon cleanly.
+    """
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        listener = bind_unix(path)
+        try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(server.serve, listener)
                 task_status.started()
@@ -139,8 +143,8 @@ async def serve_until_signalled(
                     log.info("stopping", signal=signal.Signals(signum).name)
                     nursery.cancel_scope.cancel()
                     break
-    finally:
-        listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        log.info("stopped", device=server.name)
+        finally:
+            listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            log.info("stopped", device=server.name)

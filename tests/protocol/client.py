@@ -1,0 +1,155 @@
+"""A minimal vfio-user client for protocol tests, and the server end of a socketpair.
+
+``Session`` runs the daemon's own transport, connection and service on one
+end of a real ``socketpair`` (fds need a real socket) in a thread, and gives
+the test a client on the other end.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import socket
+import struct
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mediator.vfio_user.connection import Connection, Limits
+from mediator.vfio_user.service import DeviceService
+from mediator.vfio_user.transport import MessageSocket, pump
+from mediator.vfio_user.wire import FLAG_ERROR, HEADER, Command
+from tests.support import device
+
+QEMU_CAPABILITIES = {
+    "capabilities": {
+        "pgsizes": 4096,
+        "max_msg_fds": 16,
+        "max_dma_maps": 65535,
+        "max_data_xfer_size": 1048576,
+        "migration": {"max_bitmap_size": 268435456, "pgsize": 4096},
+        "write_multiple": True,
+    }
+}
+
+
+@dataclass
+class Reply:
+    msg_id: int
+    command: int
+    flags: int
+    error: int
+    payload: bytes
+    fds: list[int]
+
+    @property
+    def ok(self) -> bool:
+        return not self.flags & FLAG_ERROR
+
+
+class Session:
+    def __init__(self, profile: str = "h100-sxm5", limits: Limits | None = None) -> None:
+        self.device, self.backend = device(profile)
+        self.client, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.client.settimeout(10)
+        self.connection = Connection(limits or Limits())
+        self.service = DeviceService(self.device, self.connection)
+        self.why: str | None = None
+        self._server = server
+        self._next_id = 0
+
+        def run() -> None:
+            self.why = pump(
+                MessageSocket(server, self.connection.limits.max_msg_fds), self.connection, self.service
+            )
+            server.close()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.client.close()
+        self.thread.join(10)
+        self.device.release_client()
+        self.backend.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # raw messages
+    def send(
+        self,
+        command: int,
+        payload: bytes = b"",
+        fds: Sequence[int] = (),
+        flags: int = 0,
+        size: int | None = None,
+    ) -> int:
+        self._next_id = (self._next_id + 1) & 0xFFFF
+        header = HEADER.pack(
+            self._next_id, command, size if size is not None else 16 + len(payload), flags, 0
+        )
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        self.client.sendmsg([header + payload], ancillary)
+        return self._next_id
+
+    def receive(self) -> Reply:
+        data, ancillary, _, _ = self.client.recvmsg(16, socket.CMSG_SPACE(16 * 4))
+        if not data:
+            raise ConnectionError("the server closed the connection")
+        while len(data) < 16:
+            data += self.client.recv(16 - len(data))
+        msg_id, command, size, flags, error = HEADER.unpack_from(data)
+        payload = b""
+        while len(payload) < size - 16:
+            chunk = self.client.recv(size - 16 - len(payload))
+            if not chunk:
+                raise ConnectionError("short reply")
+            payload += chunk
+        fds = [fd for _, _, raw in ancillary for fd in array.array("i", raw[: len(raw) - len(raw) % 4])]
+        return Reply(msg_id, command, flags, error, payload, fds)
+
+    def request(self, command: int, payload: bytes = b"", fds: Sequence[int] = (), flags: int = 0) -> Reply:
+        msg_id = self.send(command, payload, fds, flags)
+        reply = self.receive()
+        assert (reply.msg_id, reply.command) == (msg_id, command), "replies out of order"
+        return reply
+
+    # commands
+    def version(self, capabilities: dict[str, object] | None = None, major: int = 0, minor: int = 0) -> Reply:
+        blob = json.dumps(QEMU_CAPABILITIES if capabilities is None else capabilities).encode() + b"\0"
+        return self.request(Command.VERSION, struct.pack("=HH", major, minor) + blob)
+
+    def region_read(self, region: int, offset: int, count: int) -> Reply:
+        return self.request(Command.REGION_READ, struct.pack("=QII", offset, region, count))
+
+    def region_write(self, region: int, offset: int, data: bytes, flags: int = 0) -> Reply | None:
+        payload = struct.pack("=QII", offset, region, len(data)) + data
+        if flags:
+            self.send(Command.REGION_WRITE, payload, flags=flags)
+            return None
+        return self.request(Command.REGION_WRITE, payload)
+
+    def dma_map(self, iova: int, size: int, fd: int | None = None, offset: int = 0, flags: int = 3) -> Reply:
+        payload = struct.pack("=IIQQQ", 32, flags, offset, iova, size)
+        return self.request(Command.DMA_MAP, payload, [fd] if fd is not None else [])
+
+    def dma_unmap(self, iova: int, size: int, flags: int = 0) -> Reply:
+        return self.request(Command.DMA_UNMAP, struct.pack("=IIQQ", 24, flags, iova, size))
+
+    def set_irqs(
+        self, index: int, flags: int, start: int, count: int, *, fds: Sequence[int] = (), data: bytes = b""
+    ) -> Reply:
+        return self.request(
+            Command.DEVICE_SET_IRQS,
+            struct.pack("=IIIII", 20 + len(data), flags, index, start, count) + data,
+            fds,
+        )
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
