@@ -3,7 +3,7 @@
 ``DeviceService.handle`` takes one request from the ``Connection`` and
 returns the reply bytes and the fds to send with them (borrowed: the sender
 must not close them). Every refusal becomes an error reply with an errno
-(``CommandError``/``DeviceError``/``DmaError``; a failing backend is EIO);
+(``CommandError``/``DeviceError``; a failing backend is EIO);
 nothing a client sends escapes as an exception. Each handler checks its
 payload length and ``argsz`` before it reads a field.
 
@@ -31,7 +31,7 @@ from mediator.backends.base import (
     ROM_REGION,
     BackendError,
 )
-from mediator.backends.dma import DMA_READ, DMA_WRITE, DmaError
+from mediator.backends.dma import DMA_READ, DMA_WRITE
 from mediator.vfio_user import wire
 from mediator.vfio_user.connection import CommandError, Connection, Request
 from mediator.vfio_user.wire import REGION_ACCESS, WRITE_MULTI_ENTRY, Command
@@ -101,7 +101,7 @@ class DeviceService:
             ):
                 handler = self._checked_handler(request)
             payload, fds = handler(request)
-        except (CommandError, DeviceError, DmaError) as e:
+        except (CommandError, DeviceError) as e:
             return self._refuse(request, e.errno, str(e))
         except BackendError as e:
             return self._refuse(request, errno.EIO, f"device error: {e}")
