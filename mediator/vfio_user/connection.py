@@ -81,6 +81,9 @@ class Limits:
         return HEADER_SIZE + self.max_data_xfer_size + MESSAGE_OVERHEAD
 
 
+_NO_FDS: list[int] = []  # shared by fd-less requests, never mutated: take_fds swaps in a new list
+
+
 class Request:
     """One command from the client, with the fds that came with it (closed when answered)."""
 
@@ -101,7 +104,7 @@ class Request:
         self.command = command
         self.flags = flags
         self.payload = payload
-        self.fds: list[int] = fds or []
+        self.fds: list[int] = fds if fds else _NO_FDS
         self.fds_truncated = fds_truncated
         self.too_big = too_big  # the body was over the size limit and has been discarded
 
@@ -227,7 +230,9 @@ class Connection:
     # output
     def reply(self, request: Request, payload: bytes = b"") -> bytes:
         """The reply to ``request`` (empty when it asked for none); closes fds it left."""
-        self._answered(request)
+        if request is not self._current or request.fds:
+            self._answered(request)
+        self._current = None
         if request.flags & FLAG_NO_REPLY:
             return b""
         return (

@@ -97,7 +97,7 @@ class DeviceService:
                 or request.fds
                 or request.too_big
                 or request.fds_truncated
-                or not self.negotiated()
+                or not self.connection.negotiated
             ):
                 handler = self._checked_handler(request)
             payload, fds = handler(request)
@@ -119,9 +119,6 @@ class DeviceService:
             why=why,
         )
         return self.connection.error(request, errno_value), []
-
-    def negotiated(self) -> bool:
-        return self.connection.negotiated
 
     @property
     def handled(self) -> int:

@@ -38,21 +38,28 @@ class MessageSocket:
     def __init__(self, sock: socket.socket, max_fds: int) -> None:
         self.sock = sock
         self._ancillary_size = socket.CMSG_SPACE(max_fds * FD_SIZE)
+        # Reads land in one preallocated buffer: asking recvmsg for a large size
+        # instead makes CPython allocate (and shrink) that much on every read,
+        # which costs more than the whole round trip's Python work.
+        self._view = memoryview(bytearray(RECEIVE_SIZE))
 
     def receive(self, connection: Connection) -> bool:
         """One read into ``connection``; False when the client has closed its end."""
-        data, ancillary, flags, _ = self.sock.recvmsg(
-            RECEIVE_SIZE, self._ancillary_size, socket.MSG_CMSG_CLOEXEC
+        size, ancillary, flags, _ = self.sock.recvmsg_into(
+            [self._view], self._ancillary_size, socket.MSG_CMSG_CLOEXEC
         )
+        if size and not ancillary:
+            connection.receive(self._view[:size].tobytes())
+            return True
         fds: list[int] = []
         for level, kind, payload in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.extend(array.array("i", payload[: len(payload) - len(payload) % FD_SIZE]))
-        if not data:
+        if not size:
             for fd in fds:
                 os.close(fd)
             return False
-        connection.receive(data, fds, fds_truncated=bool(flags & socket.MSG_CTRUNC))
+        connection.receive(self._view[:size].tobytes(), fds, fds_truncated=bool(flags & socket.MSG_CTRUNC))
         return True
 
     def send(self, data: bytes, fds: Sequence[int] = ()) -> None:

@@ -54,7 +54,8 @@ class ConfigView:
         self.shadow = bytearray(initial_shadow)
         self.device = device
         self.size = len(initial_shadow)
-        self._read_plans: dict[tuple[int, int], tuple[int, tuple[tuple[int, int], ...]]] = {}
+        # keyed by offset << 4 | length (length <= CACHED_ACCESS < 16): no tuple per lookup
+        self._read_plans: dict[int, tuple[int, tuple[tuple[int, int], ...]]] = {}
 
     def reset(self) -> None:
         self.shadow[:] = self._initial
@@ -96,10 +97,11 @@ class ConfigView:
             self._check(offset, length)
             virtual, runs = self._read_plan(offset, length)
         else:
-            plan = self._read_plans.get((offset, length))
+            key = offset << 4 | length
+            plan = self._read_plans.get(key)
             if plan is None:
                 self._check(offset, length)
-                plan = self._read_plans[(offset, length)] = self._read_plan(offset, length)
+                plan = self._read_plans[key] = self._read_plan(offset, length)
             virtual, runs = plan
         end = offset + length
         if not runs:
