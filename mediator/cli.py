@@ -2,8 +2,10 @@
 
 Exit codes (also in the README):
   0  done
-  1  the policy cannot be carried out on the device (a plan error)
-  2  bad input: usage, a malformed or invalid profile, quirk table or dump
+  1  the device cannot be served: not ready for VFIO, a VFIO error, or a policy
+     that cannot be carried out on it
+  2  bad input: usage, a malformed or invalid profile, quirk table or dump, a
+     socket path that is taken
 
 Every error about input is one line naming the file and the key or line;
 no traceback reaches the user for anything they can fix.
@@ -21,8 +23,11 @@ from pathlib import Path
 import trio
 
 from mediator import __version__, log
+from mediator.backends.base import Backend, BackendError
 from mediator.backends.profile import DEFAULT_PROFILE, load_profile, resolve_profile, shipped_profiles
 from mediator.backends.sim import SimBackend
+from mediator.backends.sysfs import DeviceNotReady
+from mediator.backends.vfio import VfioBackend
 from mediator.errors import InputError, InputErrors
 from mediator.pci.chain import ChainError
 from mediator.pci.registers import Identity
@@ -33,7 +38,7 @@ from mediator.virt.device import VirtualDevice
 from mediator.virt.plan import PlanError
 
 EXIT_OK = 0
-EXIT_PLAN = 1
+EXIT_DEVICE = 1
 EXIT_INPUT = 2
 
 
@@ -42,19 +47,31 @@ def _print_errors(errors: Sequence[InputError | str]) -> None:
         print(f"error: {error}", file=sys.stderr)
 
 
-def _simulated_device(
-    profile_arg: str, quirk_files: Sequence[Path], builtin: bool
-) -> tuple[VirtualDevice, QuirkTable, str]:
-    profile = load_profile(resolve_profile(profile_arg))
-    table = QuirkTable.load(quirk_files, builtin=builtin)
-    return VirtualDevice.open(SimBackend(profile), table), table, profile.name
+def _open_device(args: argparse.Namespace) -> tuple[VirtualDevice, QuirkTable, str, str]:
+    """(virtual device, quirk table, name, source) for --device or --profile."""
+    table = QuirkTable.load(args.quirks, builtin=not args.no_builtin_quirks)
+    backend: Backend
+    if args.device:
+        backend = VfioBackend(args.device, bar_access=args.bar_access)
+        name, source = backend.function.bdf, backend.description
+    else:
+        path = resolve_profile(args.profile)
+        profile = load_profile(path)
+        backend = SimBackend(profile)
+        name, source = profile.name, str(path)
+    try:
+        return VirtualDevice.open(backend, table), table, name, source
+    except BaseException:
+        backend.close()
+        raise
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    device, table, name = _simulated_device(args.profile, args.quirks, not args.no_builtin_quirks)
-    report = inspection(
-        device, name=name, source=str(resolve_profile(args.profile)), quirk_origins=table.origins
-    )
+    device, table, name, source = _open_device(args)
+    try:
+        report = inspection(device, name=name, source=source, quirk_origins=table.origins)
+    finally:
+        device.backend.close()
     if args.json:
         json.dump(report, sys.stdout, indent=1)
         sys.stdout.write("\n")
@@ -99,7 +116,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     log.configure(args.log_level)
-    device, _, name = _simulated_device(args.profile, args.quirks, not args.no_builtin_quirks)
+    device, _, name, _ = _open_device(args)
     server = DeviceServer(device, name)
     try:
         trio.run(serve_until_signalled, server, args.socket)
@@ -123,11 +140,23 @@ def cmd_profiles(_args: argparse.Namespace) -> int:
 
 
 def _device_arguments(command: argparse.ArgumentParser) -> None:
-    command.add_argument(
+    source = command.add_mutually_exclusive_group()
+    source.add_argument(
         "--profile",
         default=DEFAULT_PROFILE,
         metavar="NAME|FILE",
-        help=f"a shipped profile (see `vfio-mediator profiles`) or a profile file; default {DEFAULT_PROFILE}",
+        help=f"a simulated device: a shipped profile (see `vfio-mediator profiles`) or a profile file; "
+        f"default {DEFAULT_PROFILE}",
+    )
+    source.add_argument(
+        "--device", metavar="BDF", help="a real PCI function bound to vfio-pci, e.g. 0000:3b:00.0"
+    )
+    command.add_argument(
+        "--bar-access",
+        choices=["mmap", "trap"],
+        default="mmap",
+        help="mmap: the client maps BAR pages outside trap windows through the VFIO device fd "
+        "(native speed); trap: no fd leaves the daemon and every BAR access is a message",
     )
     command.add_argument(
         "--quirks",
@@ -190,9 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputErrors as e:
         _print_errors(e.errors)
         return EXIT_INPUT
-    except (PlanError, ChainError) as e:
+    except (PlanError, ChainError, DeviceNotReady, BackendError) as e:
         _print_errors([str(e)])
-        return EXIT_PLAN
+        return EXIT_DEVICE
     except BrokenPipeError:
         return EXIT_OK
     return result
