@@ -68,12 +68,18 @@ class IrqInfo:
 
 
 class BackendError(Exception):
-    """The device failed an operation (an I/O error, a reset that did not happen)."""
+    """The device failed an operation (an I/O error, a reset that did not happen).
+
+    ``errno`` is what a client is told: EIO unless the failure had a better one.
+    """
+
+    errno = 5  # EIO
 
 
 class Backend(Protocol):
     description: str
     config_size: int
+    can_reset: bool  # the device has a reset method (FLR, PM, bus reset)
 
     def read_config(self, offset: int, length: int) -> bytes: ...
 

@@ -83,6 +83,7 @@ class SimBackend:
         self.description = f"simulated {profile.name} {Identity.of(profile.image)}"
         self.config = bytearray(profile.image)
         self.config_size = len(profile.image)
+        self.can_reset = True
         self.config_writes: deque[tuple[int, bytes]] = deque(maxlen=CONFIG_WRITE_LOG)
         self.resets = 0
         self.interrupts_raised = 0

@@ -38,6 +38,7 @@ from mediator.backends.base import (
     IRQ_SET_DATA_BOOL,
     IRQ_SET_DATA_EVENTFD,
     IRQ_SET_DATA_NONE,
+    VGA_REGION,
     BackendError,
     IrqInfo,
     RegionInfo,
@@ -373,6 +374,22 @@ class VfioDevice:
         self._fds.clear()
 
 
+def grow_noresize(
+    vectors: list[int], start: int, data: list[int]
+) -> tuple[list[int], list[tuple[int, list[int]]]]:
+    """The eventfds of a NORESIZE index after an update, and the SET_IRQS calls that get there.
+
+    Each call is (start, eventfds), or (0, []) to disable the index. An update
+    inside what the kernel has is one call for that block; one that reaches
+    past it disables the index and enables it with every vector in one call.
+    """
+    wanted = vectors + [-1] * max(0, start + len(data) - len(vectors))
+    wanted[start : start + len(data)] = data
+    if start + len(data) <= len(vectors):
+        return wanted, [(start, data)]
+    return wanted, [*([(0, [])] if vectors else []), (0, wanted)]
+
+
 class VfioBackend:
     """The ``Backend`` of a real function: the kernel's vfio-pci below the quirk table."""
 
@@ -389,10 +406,10 @@ class VfioBackend:
         self.device = VfioDevice(self.function, prefer_cdev=prefer_cdev, dev=dev)
         self.bar_access = bar_access
         self.description = f"{self.function.bdf} through VFIO ({self.device.api})"
-        self._regions = {
-            index: self.device.region(index) for index in range(min(self.device.info.num_regions, 9))
-        }
+        # BARs, ROM and config; the VGA region (8) exists only on VGA devices and is never served.
+        self._regions = {index: self.device.region(index) for index in range(VGA_REGION)}
         self.config_size = self._regions[CONFIG_REGION].size
+        self.can_reset = bool(self.device.info.flags & lib.VFIO_DEVICE_FLAGS_RESET)
         self._noresize: dict[int, list[int]] = {}  # index -> eventfds the kernel has, for NORESIZE indexes
 
     # config and regions
@@ -478,16 +495,13 @@ class VfioBackend:
         if not flags & IRQ_SET_DATA_EVENTFD:
             self.device.set_irqs(index, flags, start, count, data)
             return
-        vectors = self._noresize.get(index, [])
-        wanted = vectors + [-1] * max(0, start + count - len(vectors))
-        wanted[start : start + count] = data
-        if start + count <= len(vectors):
-            self.device.set_irqs(index, flags, start, count, data)
-        else:
-            if vectors:
+        vectors, calls = grow_noresize(self._noresize.get(index, []), start, list(data))
+        for call_start, values in calls:
+            if values:
+                self.device.set_irqs(index, flags, call_start, len(values), values)
+            else:
                 self.device.set_irqs(index, IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER, 0, 0, ())
-            self.device.set_irqs(index, flags, 0, len(wanted), wanted)
-        self._noresize[index] = wanted
+        self._noresize[index] = vectors
 
     # DMA
     def attach_dma(self, table: DmaTable) -> None:

@@ -104,7 +104,7 @@ class DeviceService:
         except (CommandError, DeviceError) as e:
             return self._refuse(request, e.errno, str(e))
         except BackendError as e:
-            return self._refuse(request, errno.EIO, f"device error: {e}")
+            return self._refuse(request, e.errno, f"device error: {e}")
         except Exception:  # a bug must not take the daemon down: the client gets EIO
             log.exception("request failed", msg_id=request.msg_id, command=request.command)
             return self.connection.error(request, errno.EIO), []
@@ -176,7 +176,7 @@ class DeviceService:
 
     def _device_info(self, request: Request) -> Reply:
         _fields(wire.DeviceInfo, request.payload, "DEVICE_GET_INFO")
-        flags = wire.DEVICE_FLAGS_RESET | wire.DEVICE_FLAGS_PCI
+        flags = wire.DEVICE_FLAGS_PCI | (wire.DEVICE_FLAGS_RESET if self.device.backend.can_reset else 0)
         return wire.DeviceInfo.build(
             {
                 "argsz": wire.DeviceInfo.sizeof(),

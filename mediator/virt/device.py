@@ -28,6 +28,8 @@ import errno
 import os
 from collections.abc import Iterator, Sequence
 
+import structlog
+
 from mediator.backends.base import (
     BAR_REGIONS,
     CONFIG_REGION,
@@ -55,6 +57,8 @@ from mediator.quirks.table import QuirkTable
 from mediator.virt.config_view import ConfigView
 from mediator.virt.errors import DeviceError, RegionAccessError
 from mediator.virt.plan import DevicePlan, PostResetWrite, TrapWindow, VirtualBar, build_plan
+
+log = structlog.get_logger("mediator.virt")
 
 _PADDING = "padding"
 _DEVICE = "device"
@@ -294,7 +298,12 @@ class VirtualDevice:
         return len(self._irq_fds) + len(self._resample_fds)
 
     def release_client(self) -> None:
-        """What a departing client leaves behind goes: DMA mappings, eventfds; then a reset."""
+        """What a departing client leaves behind goes: DMA mappings, eventfds; then a reset.
+
+        A device without a reset method keeps its hardware state for the next
+        client (the virtual state is restored regardless): that is logged, as
+        the next client may see what this one left.
+        """
         try:
             self.dma_unmap_all()
             for index in range(IRQ_COUNT):
@@ -302,9 +311,20 @@ class VirtualDevice:
                     self.backend.set_irqs(index, IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER, 0, 0, [])
                     self._own_irq_fds(index, IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER, 0, 0, [])
         finally:
-            self.reset()
+            if self.backend.can_reset:
+                self.reset()
+            else:
+                self.config.reset()
+                log.warning("the device has no reset method: its state carries over to the next client")
 
     def reset(self) -> None:
+        """Reset the device, restore the virtual state, then make the post-reset writes.
+
+        Raises:
+            DeviceError: ENOTTY when the device has no reset method.
+        """
+        if not self.backend.can_reset:
+            raise DeviceError(errno.ENOTTY, "the device has no reset method (no FLR, PM or bus reset)")
         self.backend.reset()
         self.config.reset()
         for write in self.plan.post_reset:

@@ -107,13 +107,25 @@ def served(profile_name: str, folder: Path, *, quirk_files: tuple[Path, ...] = (
 class Machine:
     """QEMU in qtest mode with the served device plugged in."""
 
-    def __init__(self, sock: Path, *, behind_root_port: bool, extra: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        sock: Path | None,
+        *,
+        behind_root_port: bool,
+        extra: tuple[str, ...] = (),
+        host: str | None = None,
+    ) -> None:
+        """QEMU with the vfio-user device on ``sock``, or with plain vfio-pci on ``host`` (a BDF)."""
         self.folder = Path(tempfile.mkdtemp(prefix="vfio-mediator-qtest-"))
         qtest_path = self.folder / "qtest.sock"
         listener = socket.socket(socket.AF_UNIX)
         listener.bind(str(qtest_path))
         listener.listen(1)
-        device = {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": str(sock)}}
+        device: dict[str, object] = (
+            {"driver": "vfio-pci", "host": host}
+            if host
+            else {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": str(sock)}}
+        )
         if behind_root_port:
             topology = ["-device", "pcie-root-port,id=rp0,bus=pcie.0,chassis=1,addr=04.0"]
             device |= {"bus": "rp0", "addr": "00.0"}

@@ -1,8 +1,9 @@
-"""A minimal vfio-user client for protocol tests, and the server end of a socketpair.
+"""A minimal vfio-user client for tests, and the server end of a socketpair.
 
-``Session`` runs the daemon's own transport, connection and service on one
-end of a real ``socketpair`` (fds need a real socket) in a thread, and gives
-the test a client on the other end.
+``Client`` speaks vfio-user on any connected socket (also from inside the
+real-VFIO guest). ``Session`` runs the daemon's own transport, connection
+and service on one end of a real ``socketpair`` (fds need a real socket) in
+a thread, and is the client on the other end.
 """
 
 from __future__ import annotations
@@ -48,37 +49,11 @@ class Reply:
         return not self.flags & FLAG_ERROR
 
 
-class Session:
-    def __init__(self, profile: str = "h100-sxm5", limits: Limits | None = None) -> None:
-        self.device, self.backend = device(profile)
-        self.client, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+class Client:
+    def __init__(self, sock: socket.socket) -> None:
+        self.client = sock
         self.client.settimeout(10)
-        self.connection = Connection(limits or Limits())
-        self.service = DeviceService(self.device, self.connection)
-        self.why: str | None = None
-        self._server = server
         self._next_id = 0
-
-        def run() -> None:
-            self.why = pump(
-                MessageSocket(server, self.connection.limits.max_msg_fds), self.connection, self.service
-            )
-            server.close()
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.client.close()
-        self.thread.join(10)
-        self.device.release_client()
-        self.backend.close()
-
-    def __enter__(self) -> Session:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # raw messages
     def send(
@@ -141,6 +116,19 @@ class Session:
     def dma_unmap(self, iova: int, size: int, flags: int = 0) -> Reply:
         return self.request(Command.DMA_UNMAP, struct.pack("=IIQQ", 24, flags, iova, size))
 
+    def region_info(self, index: int) -> tuple[tuple[int, ...], bytes, list[int]]:
+        """The two-step GET_REGION_INFO: (argsz, flags, index, cap_offset, size, offset), caps, fds."""
+        first = self.request(Command.DEVICE_GET_REGION_INFO, struct.pack("=IIIIQQ", 32, 0, index, 0, 0, 0))
+        argsz = struct.unpack_from("=I", first.payload)[0]
+        reply = first
+        if argsz > 32:
+            for fd in first.fds:
+                os.close(fd)
+            reply = self.request(
+                Command.DEVICE_GET_REGION_INFO, struct.pack("=IIIIQQ", argsz, 0, index, 0, 0, 0)
+            )
+        return struct.unpack_from("=IIIIQQ", reply.payload), reply.payload[32:], reply.fds
+
     def set_irqs(
         self, index: int, flags: int, start: int, count: int, *, fds: Sequence[int] = (), data: bytes = b""
     ) -> Reply:
@@ -149,6 +137,37 @@ class Session:
             struct.pack("=IIIII", 20 + len(data), flags, index, start, count) + data,
             fds,
         )
+
+
+class Session(Client):
+    def __init__(self, profile: str = "h100-sxm5", limits: Limits | None = None) -> None:
+        self.device, self.backend = device(profile)
+        client, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        super().__init__(client)
+        self.connection = Connection(limits or Limits())
+        self.service = DeviceService(self.device, self.connection)
+        self.why: str | None = None
+
+        def run() -> None:
+            self.why = pump(
+                MessageSocket(server, self.connection.limits.max_msg_fds), self.connection, self.service
+            )
+            server.close()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.client.close()
+        self.thread.join(10)
+        self.device.release_client()
+        self.backend.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def open_fds() -> int:

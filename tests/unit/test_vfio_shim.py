@@ -10,7 +10,7 @@ import pytest
 from mediator._vfio_shim import ffi, lib
 
 from mediator.backends.sysfs import DeviceNotReady, find_function, group_blockers, normalize_bdf
-from mediator.backends.vfio import VfioDevice, VfioError, memlock_advice
+from mediator.backends.vfio import VfioDevice, VfioError, grow_noresize, memlock_advice
 
 VFIO_TYPE = ord(";")
 VFIO_BASE = 100
@@ -174,3 +174,14 @@ def test_no_vfio_nodes_is_a_clear_error(tmp_path: Path) -> None:
         VfioDevice(find_function("0000:3b:00.0", tmp_path), dev=tmp_path / "dev-vfio")
     assert refused.value.errno == errno.ENOENT
     assert "vfio-pci module" in str(refused.value)
+
+
+def test_a_noresize_index_grows_in_one_call_with_every_vector() -> None:
+    vectors, calls = grow_noresize([], 0, [10])
+    assert (vectors, calls) == ([10], [(0, [10])])
+    vectors, calls = grow_noresize(vectors, 1, [11, 12])  # QEMU's second chunk
+    assert (vectors, calls) == ([10, 11, 12], [(0, []), (0, [10, 11, 12])])
+    vectors, calls = grow_noresize(vectors, 1, [-1])  # detaching one vector needs no resize
+    assert (vectors, calls) == ([10, -1, 12], [(1, [-1])])
+    vectors, calls = grow_noresize(vectors, 5, [15])  # a gap is filled with "no eventfd"
+    assert (vectors, calls) == ([10, -1, 12, -1, -1, 15], [(0, []), (0, [10, -1, 12, -1, -1, 15])])

@@ -1,0 +1,112 @@
+"""Real kernel VFIO: the daemon against vfio-pci inside a TCG guest with an emulated IOMMU.
+
+The guest (Debian 13 kernel, ``intel-iommu,caching-mode=on``) gets QEMU's
+``edu``, a ``virtio-net-pci`` with ATS behind a PCIe root port and an
+``igb`` (ARI, SR-IOV) behind another; the host's root is shared read-only
+over 9p so the guest runs this checkout with the host's Python. There,
+``tests/guest/vfio_guest.py`` binds the devices to vfio-pci, serves them with
+the daemon and checks every result it prints here. This machine has no
+/dev/vfio and no usable KVM: this is the only real VFIO the tests can reach.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.harness import ROOT, qemu_binary
+from tests.guest.test_guest_lspci import guest_files
+
+MODULES = "irqbypass vfio vfio_iommu_type1 vfio-pci-core vfio-pci netfs 9pnet 9pnet_virtio 9p"
+REPORT = Path(__file__).parents[2] / ".cache" / "real-vfio-report.json"
+
+
+def in_guest_script() -> str:
+    run = (
+        f"cd {ROOT} && exec /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME={Path.home()} "
+        f"TMPDIR=/tmp PYTHONDONTWRITEBYTECODE=1 {sys.executable} -m tests.guest.vfio_guest"
+    )
+    return (
+        f"for m in {MODULES}; do insmod /modules/$m.ko || echo RESULT-FAIL insmod $m; done; "
+        "mkdir -p /host && mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 hostroot /host; "
+        "mount -t proc proc /host/proc; mount -t sysfs sys /host/sys; mount -t devtmpfs dev /host/dev; "
+        "mount -t tmpfs tmp /host/tmp; "
+        f"chroot /host /bin/sh -c '{run}'"
+    )
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, dict[str, Any]]:
+    guest = guest_files()
+    command = base64.b64encode(in_guest_script().encode()).decode()
+    output = subprocess.run(
+        [
+            qemu_binary(),
+            *[
+                "-machine",
+                "q35",
+                "-accel",
+                "tcg",
+                "-cpu",
+                "max",
+                "-m",
+                "2G",
+                "-smp",
+                "1",
+                "-display",
+                "none",
+                "-nodefaults",
+                "-serial",
+                "stdio",
+                "-no-reboot",
+            ],
+            *["-kernel", str(guest / "vmlinuz"), "-initrd", str(guest / "initrd.gz")],
+            *["-append", f"console=ttyS0 quiet panic=-1 intel_iommu=on tb.cmd={command}"],
+            *["-device", "intel-iommu,caching-mode=on", "-device", "edu,addr=04.0"],
+            *["-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1,addr=05.0"],
+            *["-device", "virtio-net-pci,bus=rp1,ats=on,disable-legacy=on"],
+            *["-device", "pcie-root-port,id=rp2,bus=pcie.0,chassis=2,addr=06.0", "-device", "igb,bus=rp2"],
+            *["-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on"],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    ).stdout
+    found = {}
+    for line in output.splitlines():
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT ") :])
+            found[result["check"]] = result
+    REPORT.parent.mkdir(exist_ok=True)
+    REPORT.write_text(json.dumps(found, indent=1))
+    if "done" not in found:
+        raise RuntimeError(f"the guest did not finish its checks:\n{output[-4000:]}")
+    return found
+
+
+CHECKS = [
+    "unbound",
+    "policy-on-real-devices",
+    "edu-session",
+    "ebusy",
+    "eacces",
+    "memlock",
+    "enotty",
+    "compare-edu",
+    "compare-virtio-net",
+    "compare-igb",
+]
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_real_vfio(results: dict[str, dict[str, Any]], check: str) -> None:
+    result = results.get(check)
+    assert result is not None, f"the guest never reported {check}"
+    assert result["ok"], f"{result.get('error')}\n{result.get('trace', '')}"

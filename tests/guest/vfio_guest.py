@@ -1,0 +1,359 @@
+"""Runs INSIDE the real-VFIO test guest (TCG, intel-iommu, the host's root over 9p, read-only).
+
+Drives the daemon against the guest kernel's vfio-pci and prints one line
+per check, ``RESULT {"check": ..., ...}``, on the serial console for the
+host-side test (``test_real_vfio.py``) to assert on. Every check catches
+its own failure and reports it, so one broken check does not hide the rest.
+
+    python -m tests.guest.vfio_guest
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import mmap
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from mediator._vfio_shim import ffi, lib
+
+from mediator.backends.sysfs import find_function
+from mediator.backends.vfio import VfioDevice, VfioError
+from mediator.pci.chain import walk
+from mediator.vfio_user.wire import Command
+from tests.e2e.harness import Machine
+from tests.protocol.client import Client
+
+SYSFS = Path("/sys/bus/pci/devices")
+IDS = {"edu": "1234:11e8", "virtio-net": "1af4:1041", "igb": "8086:10c9"}
+TMP = Path(tempfile.gettempdir())
+PYTHON = [sys.executable, "-m", "mediator"]
+EDU_ID, EDU_INVERT, EDU_RAISE, EDU_ACK = 0x00, 0x04, 0x60, 0x64
+EDU_DMA_SRC, EDU_DMA_DST, EDU_DMA_COUNT, EDU_DMA_CMD, EDU_BUFFER = 0x80, 0x88, 0x90, 0x98, 0x40000
+
+
+def report(check: str, **fields: object) -> None:
+    print("RESULT " + json.dumps({"check": check, **fields}), flush=True)
+
+
+def checked(check: str) -> Callable[[Callable[[], dict[str, object]]], None]:
+    def run(body: Callable[[], dict[str, object]]) -> None:
+        try:
+            report(check, ok=True, **body())
+        except Exception as e:
+            report(check, ok=False, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-1500:])
+
+    return run
+
+
+def find(kind: str) -> str:
+    for device in sorted(SYSFS.iterdir()):
+        ids = f"{(device / 'vendor').read_text()[2:6]}:{(device / 'device').read_text()[2:6]}"
+        if ids == IDS[kind]:
+            return device.name
+    raise RuntimeError(f"no {kind} device in the guest")
+
+
+def bind_to_vfio(bdf: str) -> None:
+    (SYSFS / bdf / "driver_override").write_text("vfio-pci")
+    if (SYSFS / bdf / "driver").exists():
+        (SYSFS / bdf / "driver" / "unbind").write_text(bdf)
+    Path("/sys/bus/pci/drivers_probe").write_text(bdf)
+    deadline = time.monotonic() + 10
+    while not (SYSFS / bdf / "driver").exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{bdf} did not bind to vfio-pci")
+        time.sleep(0.05)
+
+
+@contextmanager
+def daemon(
+    bdf: str, *, wrapper: tuple[str, ...] = (), name: str = "device"
+) -> Iterator[tuple[Path, list[str]]]:
+    sock = TMP / f"{name}.sock"
+    process = subprocess.Popen(
+        [*wrapper, *PYTHON, "serve", "--device", bdf, "--socket", str(sock)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    log: list[str] = []
+    for line in process.stderr:
+        log.append(line)
+        if "event='serving'" in line:
+            break
+    else:
+        process.wait()
+        raise RuntimeError(f"serve exited {process.returncode}: {''.join(log)[-800:]}")
+    try:
+        yield sock, log
+    finally:
+        process.send_signal(signal.SIGTERM)
+        log.extend(process.communicate(timeout=30)[1].splitlines(keepends=True))
+
+
+def connect(sock: Path) -> Client:
+    raw = socket.socket(socket.AF_UNIX)
+    raw.connect(str(sock))
+    client = Client(raw)
+    assert client.version().ok
+    return client
+
+
+@contextmanager
+def connect_to(sock: Path) -> Iterator[Client]:
+    client = connect(sock)
+    try:
+        yield client
+    finally:
+        client.client.close()
+
+
+def refused(bdf: str, wrapper: tuple[str, ...] = ()) -> tuple[int, str]:
+    result = subprocess.run(
+        [*wrapper, *PYTHON, "serve", "--device", bdf, "--socket", str(TMP / "refused.sock")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return result.returncode, result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+
+
+def ext_ids(config: bytes) -> list[int]:
+    return [c.id for c in walk(config).ext]
+
+
+def main() -> None:
+    bdfs = {kind: find(kind) for kind in IDS}
+    report("devices", ok=True, **bdfs)
+
+    @checked("unbound")
+    def _() -> dict[str, object]:
+        rc, message = refused(bdfs["igb"])
+        assert rc == 1 and "has no driver, not vfio-pci" in message and "driver_override" in message, message
+        return {"message": message}
+
+    for bdf in bdfs.values():
+        bind_to_vfio(bdf)
+
+    @checked("policy-on-real-devices")
+    def _() -> dict[str, object]:
+        seen = {}
+        for kind, bdf in bdfs.items():
+            physical = (SYSFS / bdf / "config").read_bytes()
+            inspected = json.loads(
+                subprocess.run(
+                    [*PYTHON, "inspect", "--json", "--device", bdf],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+            )
+            virtual = bytes.fromhex(inspected["virtual"]["config"])
+            seen[kind] = {"physical": ext_ids(physical), "virtual": ext_ids(virtual)}
+        assert 0x0F in seen["virtio-net"]["physical"] and 0x0F not in seen["virtio-net"]["virtual"], seen
+        assert {0x0E, 0x10} <= set(seen["igb"]["physical"]) and not {0x0E, 0x10} & set(
+            seen["igb"]["virtual"]
+        ), seen
+        return seen
+
+    edu = bdfs["edu"]
+
+    @checked("edu-session")
+    def _() -> dict[str, object]:
+        with daemon(edu) as (sock, log):
+            client = connect(sock)
+            assert client.region_write(7, 0x04, b"\x06\x00").ok  # memory decoding and bus mastering
+            info, _caps, fds = client.region_info(0)
+            assert len(fds) == 1 and info[1] & 0x4, info
+            bar = mmap.mmap(fds[0], 0x100000, offset=info[5])
+            identity = struct.unpack_from("=I", bar, EDU_ID)[0]
+            struct.pack_into("=I", bar, EDU_INVERT, 0x12345678)
+            inverted = struct.unpack_from("=I", bar, EDU_INVERT)[0]
+
+            memory = os.memfd_create("guest-ram")
+            os.ftruncate(memory, 2 << 20)
+            assert client.dma_map(0x100000, 2 << 20, memory).ok
+            ram = mmap.mmap(memory, 2 << 20)
+            pattern = bytes(range(64))
+            ram[0:64] = pattern
+
+            def dma(source: int, destination: int, command: int) -> None:
+                struct.pack_into("=Q", bar, EDU_DMA_SRC, source)
+                struct.pack_into("=Q", bar, EDU_DMA_DST, destination)
+                struct.pack_into("=Q", bar, EDU_DMA_COUNT, len(pattern))
+                struct.pack_into("=Q", bar, EDU_DMA_CMD, command)
+                deadline = time.monotonic() + 10
+                while struct.unpack_from("=Q", bar, EDU_DMA_CMD)[0] & 1:
+                    assert time.monotonic() < deadline, "edu DMA did not complete"
+                    time.sleep(0.01)
+
+            dma(0x100000, EDU_BUFFER, 0x1)  # guest RAM -> edu, through the IOMMU
+            dma(EDU_BUFFER, 0x101000, 0x3)  # edu -> guest RAM
+            round_trip = ram[0x1000:0x1040] == pattern
+
+            eventfd = os.eventfd(0, os.EFD_NONBLOCK)
+            assert client.set_irqs(0, 0x24, 0, 1, fds=[eventfd]).ok  # INTx: EVENTFD | TRIGGER
+            struct.pack_into("=I", bar, EDU_RAISE, 1)
+            deadline, fired = time.monotonic() + 10, 0
+            while not fired and time.monotonic() < deadline:
+                try:
+                    fired = os.eventfd_read(eventfd)
+                except BlockingIOError:
+                    time.sleep(0.01)
+            struct.pack_into("=I", bar, EDU_ACK, 1)
+            # edu has no reset method: the daemon says so instead of pretending
+            reset = client.request(Command.DEVICE_RESET).error == errno.ENOTTY
+            bar.close()
+            ram.close()
+            os.close(fds[0])
+            client.client.close()
+            time.sleep(1)
+            second = connect(sock)
+            remap = second.dma_map(0x100000, 2 << 20, memory).ok  # EEXIST if the old mapping had stayed
+            second.client.close()
+            os.close(memory)
+        gone = [line for line in log if "client gone" in line]
+        assert identity == 0x010000ED and inverted == 0xEDCBA987, (hex(identity), hex(inverted))
+        assert round_trip and fired >= 1 and reset and remap, (round_trip, fired, reset, remap)
+        assert gone and "unmapped=1" in gone[0], gone
+        return {
+            "id": hex(identity),
+            "inverted": hex(inverted),
+            "dma": round_trip,
+            "irq": fired,
+            "after": gone[0].strip(),
+        }
+
+    @checked("igb-reset")
+    def _() -> dict[str, object]:
+        rdbal = 0x2800  # receive descriptor base, queue 0: writable, zero after a function reset
+        with daemon(bdfs["igb"], name="igb") as (sock, _log), connect_to(sock) as client:
+            assert client.request(Command.DEVICE_GET_INFO, struct.pack("=IIII", 16, 0, 0, 0)).payload[4] & 0x1
+            assert client.region_write(7, 0x04, b"\x06\x00").ok
+            assert client.region_write(0, rdbal, struct.pack("=I", 0x12340000)).ok  # a message, not the mmap
+            before = struct.unpack("=I", client.region_read(0, rdbal, 4).payload[16:])[0]
+            assert client.request(Command.DEVICE_RESET).ok
+            client.region_write(7, 0x04, b"\x06\x00")
+            after = struct.unpack("=I", client.region_read(0, rdbal, 4).payload[16:])[0]
+            # MSI-X vectors attached in chunks, as QEMU sends them past max_msg_fds
+            info = client.request(Command.DEVICE_GET_IRQ_INFO, struct.pack("=IIII", 16, 0, 2, 0)).payload
+            flags, count = struct.unpack_from("=II", info, 4)[0], struct.unpack_from("=I", info, 12)[0]
+            vectors = [os.eventfd(0) for _ in range(3)]
+            chunks = [
+                client.set_irqs(2, 0x24, 0, 1, fds=vectors[:1]).ok,
+                client.set_irqs(2, 0x24, 1, 2, fds=vectors[1:]).ok,
+                client.set_irqs(2, 0x21, 0, 0).ok,  # DATA_NONE | TRIGGER, count 0: off
+            ]
+            for fd in vectors:
+                os.close(fd)
+        assert (before, after) == (0x12340000, 0), (hex(before), hex(after))
+        assert all(chunks) and count >= 3, (chunks, count)
+        return {"before": hex(before), "after": hex(after), "msix_flags": flags, "msix_vectors": count}
+
+    @checked("ebusy")
+    def _() -> dict[str, object]:
+        with daemon(edu, name="first"):
+            rc, message = refused(edu)
+        assert rc == 1 and "EBUSY" in message and "in use by another process" in message, message
+        return {"message": message}
+
+    @checked("eacces")
+    def _() -> dict[str, object]:
+        node = Path("/dev/vfio") / str(find_function(edu).iommu_group)
+        node.chmod(0)
+        try:
+            rc, message = refused(edu, ("setpriv", "--bounding-set=-all", "--inh-caps=-all"))
+        finally:
+            node.chmod(0o600)
+        assert rc == 1 and "EACCES" in message and str(node) in message and "udev rule" in message, message
+        return {"message": message}
+
+    @checked("memlock")
+    def _() -> dict[str, object]:
+        wrapper = ("setpriv", "--bounding-set=-all", "--inh-caps=-all", "prlimit", "--memlock=65536:65536")
+        with daemon(edu, wrapper=wrapper, name="locked") as (sock, log):
+            client = connect(sock)
+            memory = os.memfd_create("guest-ram")
+            os.ftruncate(memory, 16 << 20)
+            reply = client.dma_map(0x100000, 16 << 20, memory)
+            client.client.close()
+            os.close(memory)
+        refusal = [line for line in log if "RLIMIT_MEMLOCK" in line]
+        assert not reply.ok and reply.error == 12 and refusal, (reply, log[-3:])
+        return {"errno": reply.error, "log": refusal[0].strip()[-300:]}
+
+    @checked("enotty")
+    def _() -> dict[str, object]:
+        device = VfioDevice(find_function(edu))
+        try:
+            bind = ffi.new("struct vfio_device_bind_iommufd *", {"argsz": 16, "iommufd": -1})
+            try:
+                device._ioctl(device.fd, lib.VFIO_DEVICE_BIND_IOMMUFD, bind, "VFIO_DEVICE_BIND_IOMMUFD")
+            except VfioError as e:
+                message = str(e)
+            else:
+                raise AssertionError("this kernel bound a group device to iommufd")
+        finally:
+            device.close()
+        assert "ENOTTY" in message and "does not implement" in message, message
+        return {"message": message, "api": device.api}
+
+    for kind, bdf in bdfs.items():
+
+        @checked(f"compare-{kind}")
+        def _(kind: str = kind, bdf: str = bdf) -> dict[str, object]:
+            rules = json.loads(
+                subprocess.run(
+                    [*PYTHON, "inspect", "--json", "--device", bdf],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+            )["rules"]
+            decided = {o for r in rules if r["rule"] != "passthrough" for o in range(r["start"], r["end"])}
+            with Machine(None, behind_root_port=False, host=bdf) as plain:
+                size = 4096
+                through_vfio = plain.config_space(size)
+                started = time.perf_counter()
+                for _ in range(500):
+                    plain.cfg_read(0x00, 4)
+                plain_us = (time.perf_counter() - started) / 500 * 1e6
+            with (
+                daemon(bdf, name=f"compare-{kind}") as (sock, _log),
+                Machine(sock, behind_root_port=False) as mediated,
+            ):
+                through_mediator = mediated.config_space(size)
+                started = time.perf_counter()
+                for _ in range(500):
+                    mediated.cfg_read(0x00, 4)
+                mediated_us = (time.perf_counter() - started) / 500 * 1e6
+            differing = [o for o in range(size) if through_vfio[o] != through_mediator[o]]
+            undecided = [o for o in differing if o not in decided]
+            assert not undecided, [
+                f"{o:#x}: {through_vfio[o]:02x}/{through_mediator[o]:02x}" for o in undecided
+            ]
+            return {
+                "differing": len(differing),
+                "ext_vfio_pci": ext_ids(through_vfio),
+                "ext_mediator": ext_ids(through_mediator),
+                "config_read_us": {"vfio-pci": round(plain_us, 1), "mediator": round(mediated_us, 1)},
+            }
+
+
+if __name__ == "__main__":
+    main()
+    report("done", ok=True)
