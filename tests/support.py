@@ -10,6 +10,7 @@ from mediator.backends.profile import Behaviour, Profile, load_profile, shipped_
 from mediator.backends.sim import SimBackend
 from mediator.quirks.table import QuirkTable
 from mediator.virt.device import VirtualDevice
+from mediator.virt.plan import DeviceContext
 
 PROFILES = shipped_profiles()
 BUILTIN = QuirkTable.load()
@@ -40,13 +41,17 @@ def image_profile(
 
 
 def device(
-    source: str | Profile, *, quirk_files: Sequence[Path] = (), builtin: bool = True
+    source: str | Profile,
+    *,
+    quirk_files: Sequence[Path] = (),
+    builtin: bool = True,
+    context: DeviceContext | None = None,
 ) -> tuple[VirtualDevice, SimBackend]:
     """The virtual device the daemon would serve for a profile, and its simulated hardware."""
     prof = profile(source) if isinstance(source, str) else source
     table = QuirkTable.load(quirk_files, builtin=builtin) if quirk_files or not builtin else BUILTIN
     backend = SimBackend(prof)
-    return VirtualDevice.open(backend, table), backend
+    return VirtualDevice.open(backend, table, context), backend
 
 
 def write_table(folder: Path, text: str, name: str = "operator.toml") -> Path:

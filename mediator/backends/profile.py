@@ -44,6 +44,18 @@ A profile is a TOML file::
     bar = 0
     offset = 0x5000
 
+    [[behaviours]]
+    kind = "sticky-bits"                    # a 32-bit register whose mask bits, once set, only a
+    bar = 0                                 # reset clears (NVLink link-disable bits)
+    offset = 0xa00148
+    mask = 0x3f0000
+
+    [[behaviours]]
+    kind = "read-only"                      # writes to the window are ignored (fault injection)
+    bar = 0
+    offset = 0x12004c
+    size = 4
+
 The BAR type normally comes from the image's BAR register; a profile may
 state it for a BAR whose register reads 0 (a variant driver's fake BAR), and
 must agree with the image otherwise. Every error names the file and the key.
@@ -98,15 +110,16 @@ class IrqSpec(Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class BehaviourSpec(Struct, forbid_unknown_fields=True, frozen=True):
-    kind: Literal["config-mirror", "irq-doorbell", "dma-engine"]
+    kind: Literal["config-mirror", "irq-doorbell", "dma-engine", "sticky-bits", "read-only"]
     bar: Annotated[int, Meta(ge=0, le=5)]
     offset: Annotated[int, Meta(ge=0)]
     size: Size | None = None
+    mask: Annotated[int, Meta(ge=0, le=0xFFFFFFFF)] | None = None
 
 
 # Register windows whose size the hardware fixes: a 4-byte doorbell, and an
 # edu-style DMA engine (source, destination, count, command; 8 bytes each).
-BEHAVIOUR_SIZES = {"irq-doorbell": 4, "dma-engine": 0x20}
+BEHAVIOUR_SIZES = {"irq-doorbell": 4, "dma-engine": 0x20, "sticky-bits": 4}
 
 
 class ProfileSpec(Struct, forbid_unknown_fields=True, frozen=True):
@@ -126,6 +139,7 @@ class Behaviour:
     bar: int
     offset: int
     size: int
+    mask: int = 0
 
 
 @dataclass(frozen=True)
@@ -239,9 +253,13 @@ def _check_behaviours(spec: ProfileSpec, sizes: list[int], source: str) -> tuple
             raise InputError(source, f"{where}.bar", f"BAR{behaviour.bar} is not in bars")
         if behaviour.offset + size > sizes[behaviour.bar]:
             raise InputError(source, where, f"window ends past BAR{behaviour.bar}'s size")
-        if fixed is not None and behaviour.offset % 8:
-            raise InputError(source, f"{where}.offset", "register windows are 8-byte aligned")
-        behaviours.append(Behaviour(behaviour.kind, behaviour.bar, behaviour.offset, size))
+        if fixed is not None and behaviour.offset % 4:
+            raise InputError(source, f"{where}.offset", "registers are 4-byte aligned")
+        if (behaviour.kind == "sticky-bits") != (behaviour.mask is not None):
+            raise InputError(source, f"{where}.mask", "sticky-bits windows, and only they, take a mask")
+        behaviours.append(
+            Behaviour(behaviour.kind, behaviour.bar, behaviour.offset, size, behaviour.mask or 0)
+        )
     return tuple(behaviours)
 
 

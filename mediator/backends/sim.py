@@ -13,6 +13,10 @@ simulator never offers them for mmap, so every access reaches it):
   as NVIDIA GPUs do at BAR0+0x88000 - what the daemon's trap windows stop;
 - ``irq-doorbell``: writing N raises vector N of the active interrupt index
   (MSI-X if it has eventfds, else MSI, else INTx);
+- ``sticky-bits``: a register whose masked bits, once written as 1, stay
+  set until a reset (NVLink link-disable bits: a guest cannot re-enable a link);
+- ``read-only``: a window that ignores writes (to inject a register that
+  does not hold what the daemon writes);
 - ``dma-engine``: QEMU ``edu``-style registers (+0 source, +8 destination,
   +0x10 count, +0x18 command: bit 0 start, bit 1 BAR-to-guest, bit 2 raise
   vector 0 when done); a start copies between the BAR and guest memory at
@@ -195,6 +199,17 @@ class SimBackend:
                 self.write_config(config_offset, data)
             return
         memory = self.memory(index)
+        if behaviour is not None and behaviour.kind == "read-only":
+            return
+        if behaviour is not None and behaviour.kind == "sticky-bits":
+            at = behaviour.offset
+            old = int.from_bytes(memory[at : at + 4], "little")
+            memory[offset : offset + len(data)] = data
+            new = int.from_bytes(memory[at : at + 4], "little")
+            memory[at : at + 4] = ((new & ~behaviour.mask) | ((old | new) & behaviour.mask)).to_bytes(
+                4, "little"
+            )
+            return
         memory[offset : offset + len(data)] = data
         if behaviour is not None and behaviour.kind == "irq-doorbell":
             self.raise_vector(int.from_bytes(memory[behaviour.offset : behaviour.offset + 4], "little"))
@@ -307,8 +322,11 @@ class SimBackend:
         """See ``dma_map``."""
 
     def reset(self) -> None:
-        """A function-level reset: config registers return to their power-on values."""
+        """A function-level reset: config registers and sticky bits return to their power-on values."""
         self.config[:] = self.profile.image
+        for behaviour in self.profile.behaviours:
+            if behaviour.kind == "sticky-bits":
+                self.memory(behaviour.bar)[behaviour.offset : behaviour.offset + 4] = bytes(4)
         for lines in self._irqs.values():
             for line in lines:
                 line.masked = line.pending = False

@@ -91,6 +91,9 @@ class RegisterRule(Struct, forbid_unknown_fields=True, frozen=True):
     virtual: bool | U64 = False
     writable: bool | U64 = False
     value: U64 | None = None
+    # Bits that, written as 1, make the daemon reset the device (FLR): the reset
+    # then goes through the daemon, post-reset writes included.
+    reset_on: U64 = 0
 
 
 class ConfigRange(Struct, forbid_unknown_fields=True, frozen=True):
@@ -100,7 +103,9 @@ class ConfigRange(Struct, forbid_unknown_fields=True, frozen=True):
 
 class Synthesis(Struct, forbid_unknown_fields=True, frozen=True):
     kind: Literal["nvidia-gpudirect-clique"]
-    clique: Annotated[int, Meta(ge=0, le=15)]
+    # A fixed clique, or "configured": the device's gpudirect_clique in the
+    # daemon's config (nothing is added for a device without one).
+    clique: Annotated[int, Meta(ge=0, le=15)] | Literal["configured"]
     at: list[U8] = field(default_factory=lambda: [0xC8, 0xD4])
 
 
@@ -120,10 +125,17 @@ class BarFlags(Struct, forbid_unknown_fields=True, frozen=True):
 class RegisterWrite(Struct, forbid_unknown_fields=True, frozen=True):
     bar: BarIndex
     offset: U64
-    value: Annotated[int, Meta(ge=0, le=0xFFFFFFFF)]
+    # A number, or "foreign-links": one bit per link (of ``links``) whose peer
+    # does not belong to the device's tenant, shifted left by ``shift``.
+    value: Annotated[int, Meta(ge=0, le=0xFFFFFFFF)] | Literal["foreign-links"]
     size: Literal[1, 2, 4] = 4
     # write: value; set: OR value in; clear: AND the value's bits out.
     op: Literal["write", "set", "clear"] = "write"
+    links: Annotated[int, Meta(ge=0, le=32)] = 0
+    shift: Annotated[int, Meta(ge=0, le=31)] = 0
+    # Read the register back and refuse to serve the device unless the
+    # written bits are there (a protection that must hold, e.g. link isolation).
+    verify: bool = False
 
 
 class Quirk(Struct, forbid_unknown_fields=True, frozen=True):

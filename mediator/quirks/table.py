@@ -159,6 +159,12 @@ def _check_register(rule: RegisterRule, where: str) -> Iterable[Problem]:
             yield f"{where}.value", "seeds virtual bits, but the rule has none"
         elif not _mask_fits(rule.value, rule.size):
             yield f"{where}.value", f"does not fit in {rule.size} bytes"
+    if rule.reset_on:
+        virtual = (1 << 64) - 1 if rule.virtual is True else int(rule.virtual)
+        if not _mask_fits(rule.reset_on, rule.size) or rule.reset_on & ~virtual:
+            # Otherwise the write would also reach the device and reset it
+            # behind the daemon, with no post-reset writes after it.
+            yield f"{where}.reset_on", "reset bits must fit in the register and be virtual"
 
 
 def check_quirk(quirk: Quirk) -> list[Problem]:
@@ -189,6 +195,10 @@ def check_quirk(quirk: Quirk) -> list[Problem]:
         if flags.bits is None and flags.prefetchable is None:
             problems.append((f"bar_flags[{i}]", "give bits, prefetchable or both"))
     for i, write in enumerate(quirk.post_reset):
+        if write.value == "foreign-links" and not write.links:
+            problems.append((f"post_reset[{i}].links", "foreign-links needs the number of links"))
+        if write.value != "foreign-links" and (write.links or write.shift):
+            problems.append((f"post_reset[{i}]", 'links and shift only go with value = "foreign-links"'))
         if write.offset % write.size:
             problems.append(
                 (
@@ -196,7 +206,8 @@ def check_quirk(quirk: Quirk) -> list[Problem]:
                     f"{write.offset:#x} is not aligned to its size {write.size}",
                 )
             )
-        if write.value >= 1 << (8 * write.size):
+        widest = write.value if isinstance(write.value, int) else ((1 << write.links) - 1) << write.shift
+        if widest >= 1 << (8 * write.size):
             problems.append((f"post_reset[{i}].value", f"does not fit in {write.size} bytes"))
     return problems
 

@@ -65,6 +65,7 @@ class DeviceService:
         self.device = device
         self.connection = connection
         self.counts: Counter[int] = Counter()  # requests by command
+        self.closing: str | None = None  # why the session must end once this reply is out
         self._handlers: dict[int, Callable[[Request], Reply]] = {
             Command.VERSION: self._version,
             Command.DMA_MAP: self._dma_map,
@@ -90,6 +91,9 @@ class DeviceService:
     def handle(self, request: Request) -> Reply:
         """The reply to one request: (bytes, fds to send with them)."""
         self.counts[request.command] += 1
+        if self.device.blocked:
+            self.closing = f"the device is blocked: {self.device.blocked}"
+            return self._refuse(request, errno.EPERM, self.closing)
         try:
             handler = self._handlers.get(request.command)
             if (

@@ -86,6 +86,9 @@ def pump(messages: MessageSocket, connection: Connection, service: DeviceService
                     return "client closed the connection"
                 continue
             reply, fds = handle(request)
+            if service.closing:
+                send(b"".join([*pending, reply]))
+                return service.closing
             if fds:
                 if pending:
                     send(b"".join(pending))

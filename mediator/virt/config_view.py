@@ -15,6 +15,10 @@ caches, for each small access it has seen, the mask and the runs of bytes
 the device must supply: QEMU's per-access config reads then cost one dict
 lookup and at most one device read.
 
+A write that sets a reset-trigger bit (PCIe FLR, AF FLR) is reported to
+the caller, which resets the device through the daemon (post-reset writes
+included) rather than letting the guest reset it behind the policy's back.
+
 The view holds the shadow and nothing else; ``reset`` restores the plan's
 initial shadow (BAR addresses cleared, virtual registers re-seeded).
 """
@@ -46,8 +50,15 @@ CACHED_ACCESS = 8
 
 
 class ConfigView:
-    def __init__(self, segments: Sequence[Segment], initial_shadow: bytes, device: ConfigDevice) -> None:
+    def __init__(
+        self,
+        segments: Sequence[Segment],
+        initial_shadow: bytes,
+        device: ConfigDevice,
+        reset_triggers: dict[int, int] | None = None,
+    ) -> None:
         self._segments = tuple(segments)
+        self._reset_triggers = reset_triggers or {}
         self._starts = [s.start for s in self._segments]
         self._virtual = b"".join(s.virtual for s in self._segments)
         self._initial = bytes(initial_shadow)
@@ -114,8 +125,11 @@ class ConfigView:
         value = (_int(device) & ~virtual) | (_int(self.shadow[offset:end]) & virtual)
         return value.to_bytes(length, "little")
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes) -> bool:
+        """Apply a write; True when it sets a bit that asks for a device reset (e.g. FLR)."""
         self._check(offset, len(data))
+        triggers = self._reset_triggers
+        reset = bool(triggers) and any(triggers.get(offset + i, 0) & b for i, b in enumerate(data))
         for segment, start, stop in self._pieces(offset, len(data)):
             rel = start - segment.start
             w = _int(segment.writable[rel : rel + stop - start])
@@ -135,3 +149,4 @@ class ConfigView:
                     current = _int(self.device.read_config(start, size))
                     value = (current & ~to_device) | (value & to_device)
                 self.device.write_config(start, value.to_bytes(size, "little"))
+        return reset

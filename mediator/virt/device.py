@@ -24,12 +24,14 @@ replaced or the client goes (``release_client``). Every refusal is a
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections.abc import Iterator, Sequence
 
 import structlog
 
+from mediator.audit import Auditor
 from mediator.backends.base import (
     BAR_REGIONS,
     CONFIG_REGION,
@@ -56,7 +58,7 @@ from mediator.pci.registers import Identity
 from mediator.quirks.table import QuirkTable
 from mediator.virt.config_view import ConfigView
 from mediator.virt.errors import DeviceError, RegionAccessError
-from mediator.virt.plan import DevicePlan, PostResetWrite, TrapWindow, VirtualBar, build_plan
+from mediator.virt.plan import DeviceContext, DevicePlan, PostResetWrite, TrapWindow, VirtualBar, build_plan
 
 log = structlog.get_logger("mediator.virt")
 
@@ -68,23 +70,33 @@ class VirtualDevice:
     def __init__(self, backend: Backend, plan: DevicePlan, max_dma_mappings: int = 65535) -> None:
         self.backend = backend
         self.plan = plan
-        self.config = ConfigView(plan.segments, plan.initial_shadow, backend)
-        self.trapped_accesses = 0
+        self.config = ConfigView(plan.segments, plan.initial_shadow, backend, plan.reset_triggers)
+        self.auditor = Auditor()
+        # Why the device must not be served (a protection that could not be
+        # established, quarantine); None while it may be.
+        self.blocked: str | None = None
         self.dma = DmaTable(max_dma_mappings)
         backend.attach_dma(self.dma)
         self._irq_fds: dict[tuple[int, int], int] = {}  # (index, vector) -> eventfd we own
         self._resample_fds: dict[int, int] = {}
 
     @classmethod
-    def open(cls, backend: Backend, table: QuirkTable) -> VirtualDevice:
-        """Plan the device the backend presents with the quirks that match it.
+    def open(cls, backend: Backend, table: QuirkTable, context: DeviceContext | None = None) -> VirtualDevice:
+        """Plan the device the backend presents with the quirks that match it, and protect it.
+
+        The post-reset writes are made at once, before any client: the device
+        may come with links enabled from before. If a verified one does not
+        hold, the device comes back blocked (``blocked`` says why).
 
         Raises:
             PlanError: the policy cannot be carried out on this device.
         """
         image = backend.read_config(0, backend.config_size)
         regions = [backend.region_info(index) for index in (*BAR_REGIONS, ROM_REGION)]
-        return cls(backend, build_plan(image, table.for_device(Identity.of(image)), regions))
+        device = cls(backend, build_plan(image, table.for_device(Identity.of(image)), regions, context))
+        with contextlib.suppress(DeviceError):
+            device.establish()
+        return device
 
     def region_size(self, index: int) -> int:
         """The size the guest sees."""
@@ -139,7 +151,9 @@ class VirtualDevice:
 
     def write_region(self, index: int, offset: int, data: bytes) -> None:
         if index == CONFIG_REGION:
-            self.config.write(offset, data)
+            if self.config.write(offset, data):
+                log.info("the guest asked for a function reset; the daemon performs it")
+                self.reset()
             return
         if index == ROM_REGION:
             raise DeviceError(errno.EPERM, "the expansion ROM is read-only")
@@ -157,26 +171,39 @@ class VirtualDevice:
         return first, max(0, min(stop - window.offset, self.config.size) - first)
 
     def _trap_read(self, window: TrapWindow, start: int, stop: int) -> bytes:
-        self.trapped_accesses += 1
         length = stop - start
         if window.action == "audit":
-            return self.backend.read_region(window.bar, start, length)
-        if window.action == "all-ones":
-            return b"\xff" * length
-        if window.action == "config-mirror":
+            data = self.backend.read_region(window.bar, start, length)
+        elif window.action == "all-ones":
+            data = b"\xff" * length
+        elif window.action == "config-mirror":
             first, inside = self._config_span(window, start, stop)
-            data = self.config.read(first, inside) if inside else b""
-            return data + bytes(length - inside)
-        return bytes(length)
+            data = (self.config.read(first, inside) if inside else b"") + bytes(length - inside)
+        else:
+            data = bytes(length)
+        self._audit(window, start, "read", data)
+        return data
 
     def _trap_write(self, window: TrapWindow, start: int, data: bytes) -> None:
-        self.trapped_accesses += 1
+        self._audit(window, start, "write", data)
         if window.action == "audit":
             self.backend.write_region(window.bar, start, data)
         elif window.action == "config-mirror":
             first, inside = self._config_span(window, start, start + len(data))
-            if inside:
-                self.config.write(first, data[:inside])
+            if inside and self.config.write(first, data[:inside]):
+                self.reset()
+
+    def _audit(self, window: TrapWindow, start: int, direction: str, data: bytes) -> None:
+        event = "guest access" if window.action == "audit" else "guest access trapped"
+        self.auditor.access(
+            event,
+            bar=window.bar,
+            offset=start,
+            size=len(data),
+            direction=direction,
+            value=data,
+            action=window.action,
+        )
 
     def region_fd(self, index: int) -> tuple[int, int] | None:
         """(fd, file offset) a client may mmap the region's ``mmap_areas`` through."""
@@ -312,7 +339,8 @@ class VirtualDevice:
                     self._own_irq_fds(index, IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER, 0, 0, [])
         finally:
             if self.backend.can_reset:
-                self.reset()
+                with contextlib.suppress(DeviceError):  # the device is blocked, and that is logged
+                    self.reset()
             else:
                 self.config.reset()
                 log.warning("the device has no reset method: its state carries over to the next client")
@@ -321,14 +349,43 @@ class VirtualDevice:
         """Reset the device, restore the virtual state, then make the post-reset writes.
 
         Raises:
-            DeviceError: ENOTTY when the device has no reset method.
+            DeviceError: ENOTTY when the device has no reset method; EIO when a
+                verified post-reset write did not hold (the device is then blocked).
         """
         if not self.backend.can_reset:
             raise DeviceError(errno.ENOTTY, "the device has no reset method (no FLR, PM or bus reset)")
         self.backend.reset()
         self.config.reset()
+        self.establish()
+
+    def establish(self) -> None:
+        """Make the plan's post-reset writes and check the verified ones hold; block the device if not.
+
+        Raises:
+            DeviceError: EIO when a protection did not hold.
+        """
+        failures = []
         for write in self.plan.post_reset:
             self._post_reset_write(write)
+            if write.verify:
+                found = int.from_bytes(
+                    self.backend.read_region(write.bar, write.offset, write.size), "little"
+                )
+                expected = write.value if write.op != "clear" else 0
+                held = found == write.value if write.op == "write" else found & write.value == expected
+                if not held:
+                    where = f"BAR{write.bar}+{write.offset:#x}"
+                    failures.append(
+                        f"{where} reads {found:#x} after {write.op} {write.value:#x} ({write.quirk})"
+                    )
+        if failures:
+            self.block("a required protection did not hold: " + "; ".join(failures))
+            raise DeviceError(errno.EIO, self.blocked or "")
+
+    def block(self, reason: str) -> None:
+        """Refuse to serve the device until the cause is fixed."""
+        self.blocked = reason
+        log.error("device blocked", why=reason)
 
     def _post_reset_write(self, write: PostResetWrite) -> None:
         if write.op == "write":

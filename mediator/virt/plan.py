@@ -124,6 +124,21 @@ class PostResetWrite:
     op: str
     value: int
     quirk: str
+    verify: bool = False
+
+
+@dataclass(frozen=True)
+class DeviceContext:
+    """What the policy needs to know about a device beyond its config space: the daemon's config.
+
+    ``allowed_links`` are the link indexes whose peer belongs to the device's
+    own tenant; every other link is foreign and gets disabled. A device the
+    config says nothing about has no allowed link and no clique.
+    """
+
+    tenant: str | None = None
+    allowed_links: frozenset[int] = frozenset()
+    gpudirect_clique: int | None = None
 
 
 @dataclass(frozen=True)
@@ -138,6 +153,7 @@ class DevicePlan:
     bars: tuple[VirtualBar, ...]  # implemented BARs only
     rom: VirtualBar | None
     post_reset: tuple[PostResetWrite, ...]
+    reset_triggers: dict[int, int]  # config offset -> bits whose write of 1 resets the device
     decisions: tuple[Decision, ...]
     anomalies: tuple[str, ...]
     quirks: tuple[str, ...]  # names of the quirks that matched, in order
@@ -158,9 +174,6 @@ GPUDIRECT_SIGNATURE = b"P2P"
 def gpudirect_clique_capability(clique: int) -> bytes:
     """NVIDIA's GPUDirect P2P clique vendor capability, as QEMU's pci-quirks.c builds it."""
     return bytes([caps.VENDOR, 0, 8]) + GPUDIRECT_SIGNATURE + bytes([clique << 3, 0])
-
-
-SYNTHESIZERS = {"nvidia-gpudirect-clique": lambda s: gpudirect_clique_capability(s.clique)}
 
 
 def _mask_bytes(mask: bool | int, size: int) -> bytes:
@@ -264,8 +277,10 @@ class _Layout:
 
 
 class _Planner:
-    def __init__(self, image: bytes, quirks: Sequence[Quirk]) -> None:
+    def __init__(self, image: bytes, quirks: Sequence[Quirk], context: DeviceContext) -> None:
         self.image = image
+        self.context = context
+        self.reset_triggers: dict[int, int] = {}  # config offset -> bits that, written as 1, reset
         self.chains = walk(image)
         self.quirks = list(quirks)
         self.decisions: list[Decision] = []
@@ -353,6 +368,9 @@ class _Planner:
                     layout.set(
                         start, virtual, _mask_bytes(rule.writable, size), kind, quirk.name, value=value
                     )
+                    for i, bits in enumerate(rule.reset_on.to_bytes(size, "little") if size <= 8 else b""):
+                        if bits:
+                            self.reset_triggers[start + i] = self.reset_triggers.get(start + i, 0) | bits
                     self.decide(quirk.name, "register", target, _describe_rule(rule))
             if quirk.resizable_bar == "current-size":
                 for cap in exposed:
@@ -447,8 +465,13 @@ class _Planner:
         placed: list[int] = []
         for quirk in self.quirks:
             for synthesis in quirk.synthesize:
+                clique = (
+                    synthesis.clique if isinstance(synthesis.clique, int) else self.context.gpudirect_clique
+                )
+                if clique is None:
+                    continue
                 offset = self._place(synthesis, taken)
-                body = SYNTHESIZERS[synthesis.kind](synthesis)
+                body = gpudirect_clique_capability(clique)
                 taken.append((offset, offset + len(body)))
                 self.layout.own(offset, offset + len(body), f"synthesized {synthesis.kind} @{offset:#x}")
                 self.layout.emulate(offset, body, bytes(len(body)), RuleKind.SYNTHESIZED, quirk.name)
@@ -457,7 +480,7 @@ class _Planner:
                     quirk.name,
                     "synthesize",
                     f"std 0x09 {synthesis.kind} @{offset:#x}",
-                    _describe_synthesis(synthesis),
+                    f"clique {clique}",
                 )
         for i, offset in enumerate(placed):
             nxt = placed[i + 1] if i + 1 < len(placed) else 0
@@ -592,14 +615,21 @@ class _Planner:
                         f"{quirk.name}: post-reset write at BAR{write.bar}+{write.offset:#x} "
                         "is outside the device's BAR"
                     )
+                if write.value == "foreign-links":
+                    foreign = [link for link in range(write.links) if link not in self.context.allowed_links]
+                    value = sum(1 << link for link in foreign) << write.shift
+                else:
+                    value = write.value
                 writes.append(
-                    PostResetWrite(write.bar, write.offset, write.size, write.op, write.value, quirk.name)
+                    PostResetWrite(
+                        write.bar, write.offset, write.size, write.op, value, quirk.name, write.verify
+                    )
                 )
                 self.decide(
                     quirk.name,
                     "post-reset",
                     f"BAR{write.bar}+{write.offset:#x}",
-                    f"{write.op} {write.value:#x}",
+                    f"{write.op} {value:#x}" + (", verified" if write.verify else ""),
                 )
         return tuple(writes)
 
@@ -632,14 +662,14 @@ def _describe_rule(rule: RegisterRule) -> str:
             parts.append(f"{key} {mask:#x}")
     if rule.value is not None:
         parts.append(f"value {rule.value:#x}")
+    if rule.reset_on:
+        parts.append(f"reset on {rule.reset_on:#x}")
     return ", ".join(parts) or "read-only"
 
 
-def _describe_synthesis(synthesis: Synthesis) -> str:
-    return f"clique {synthesis.clique}"
-
-
-def build_plan(image: bytes, quirks: Sequence[Quirk], regions: Sequence[RegionInfo]) -> DevicePlan:
+def build_plan(
+    image: bytes, quirks: Sequence[Quirk], regions: Sequence[RegionInfo], context: DeviceContext | None = None
+) -> DevicePlan:
     """The plan for a function whose config image is ``image``.
 
     Args:
@@ -655,7 +685,7 @@ def build_plan(image: bytes, quirks: Sequence[Quirk], regions: Sequence[RegionIn
     """
     if len(regions) != BAR_COUNT + 1:
         raise ValueError("regions needs BAR0-5 and the ROM")
-    planner = _Planner(bytes(image), quirks)
+    planner = _Planner(bytes(image), quirks, context or DeviceContext())
     planner.own_defaults()
     fates = planner.visibility()
     exposed = [c for c in planner.chains.all() if not fates[c].hidden]
@@ -678,6 +708,7 @@ def build_plan(image: bytes, quirks: Sequence[Quirk], regions: Sequence[RegionIn
         bars=bars,
         rom=rom,
         post_reset=post_reset,
+        reset_triggers=dict(planner.reset_triggers),
         decisions=tuple(planner.decisions),
         anomalies=tuple(planner.anomalies),
         quirks=tuple(q.name for q in quirks),

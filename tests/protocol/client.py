@@ -17,6 +17,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mediator.backends.profile import Profile
 from mediator.vfio_user.connection import Connection, Limits
 from mediator.vfio_user.service import DeviceService
 from mediator.vfio_user.transport import MessageSocket, pump
@@ -140,7 +141,7 @@ class Client:
 
 
 class Session(Client):
-    def __init__(self, profile: str = "h100-sxm5", limits: Limits | None = None) -> None:
+    def __init__(self, profile: str | Profile = "h100-sxm5", limits: Limits | None = None) -> None:
         self.device, self.backend = device(profile)
         client, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         super().__init__(client)

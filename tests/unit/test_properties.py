@@ -11,6 +11,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mediator.backends.profile import Profile
 from mediator.pci import capabilities as caps
 from mediator.pci.bars import next_power_of_two, virtual_bar_size
 from mediator.pci.capabilities import CapKind
@@ -24,31 +25,35 @@ BASES = ["gp108m-mx150", "h100-sxm5", "skylake-igd", "intel-0d93-many-ecaps", "i
 
 
 @st.composite
-def config_images(draw: st.DrawFn) -> bytes:
-    """Real images with a few hostile edits, or sparse noise over a PCIe function."""
+def config_images(draw: st.DrawFn) -> Profile:
+    """Real devices with a few hostile edits past the header, or sparse noise over a PCIe function.
+
+    A real device keeps its BARs, so quirks that program BAR registers still apply.
+    """
     if draw(st.booleans()):
         image = bytearray(4096)
         image[0x06] = 0x10
         image[0x34] = 0x40
         image[0x40:0x44] = bytes([caps.EXP, 0, 0x02, 0])  # a PCIe cap, so the extended space is walked
-        count, low, high = 200, 0x34, 0xFFF
+        count, bar_sizes, rom_size = 200, (0,) * 6, 0
     else:
-        image = bytearray(profile(draw(st.sampled_from(BASES))).image)
-        count, low, high = 12, 0x34, 0xFFF
+        base = profile(draw(st.sampled_from(BASES)))
+        image = bytearray(base.image)
+        count, bar_sizes, rom_size = 12, base.bar_sizes, base.rom_size
     for _ in range(draw(st.integers(0, count))):
-        image[draw(st.integers(low, high))] = draw(st.integers(0, 255))
-    return bytes(image)
+        image[draw(st.integers(0x34, 0xFFF))] = draw(st.integers(0, 255))
+    return image_profile(bytes(image), bar_sizes, rom_size)
 
 
-def planned(image: bytes) -> tuple[VirtualDevice, DevicePlan]:
-    dev, _ = device(image_profile(image))
+def planned(source: Profile) -> tuple[VirtualDevice, DevicePlan]:
+    dev, _ = device(source)
     return dev, dev.plan
 
 
 @settings(max_examples=150, deadline=None)
 @given(config_images())
-def test_guest_chains_are_well_formed_and_hold_exactly_the_exposed_capabilities(image: bytes) -> None:
-    dev, plan = planned(image)
+def test_guest_chains_are_well_formed_and_hold_exactly_the_exposed_capabilities(source: Profile) -> None:
+    dev, plan = planned(source)
     view = walk(dev.config.read(0, dev.config.size))
     assert not [a for a in view.anomalies if "loops" in a or "points into" in a]
     exposed_std = [
@@ -85,8 +90,8 @@ def _hidden_spans(plan: DevicePlan) -> list[tuple[int, int]]:
 
 @settings(max_examples=100, deadline=None)
 @given(config_images())
-def test_every_hidden_byte_reads_zero_in_every_size_and_alignment(image: bytes) -> None:
-    dev, plan = planned(image)
+def test_every_hidden_byte_reads_zero_in_every_size_and_alignment(source: Profile) -> None:
+    dev, plan = planned(source)
     size = dev.config.size
     for start, end in _hidden_spans(plan):
         for width in (1, 2, 4):
@@ -101,8 +106,8 @@ def test_every_hidden_byte_reads_zero_in_every_size_and_alignment(image: bytes) 
 
 @settings(max_examples=100, deadline=None)
 @given(config_images(), st.data())
-def test_no_write_to_a_hidden_byte_reaches_the_device(image: bytes, data: st.DataObject) -> None:
-    dev, backend = device(image_profile(image))
+def test_no_write_to_a_hidden_byte_reaches_the_device(source: Profile, data: st.DataObject) -> None:
+    dev, backend = device(source)
     spans = _hidden_spans(dev.plan)
     for start, end in spans:
         for width in (1, 2, 4):
@@ -112,7 +117,7 @@ def test_no_write_to_a_hidden_byte_reaches_the_device(image: bytes, data: st.Dat
         for start, end in spans:
             assert offset + len(written) <= start or end <= offset, f"write at {offset:#x} reached the device"
     for start, end in spans:
-        assert backend.config[start:end] == image[start:end]
+        assert backend.config[start:end] == source.image[start:end]
 
 
 BAR_TYPES = {

@@ -241,6 +241,27 @@ BAD_TABLES = [
         "Invalid enum",
     ),
     ('[[quirk]\nname = "a"\n', "", "invalid TOML"),
+    (
+        '[[quirk]]\nname = "a"\nreason = "r"\nregisters = [{ offset = 0x40, size = 2, reset_on = 0x8000 }]\n',
+        "registers[0].reset_on",
+        "virtual",
+    ),
+    (
+        '[[quirk]]\nname = "a"\nreason = "r"\npost_reset = [{ bar = 0, offset = 0, value = "foreign-links" }]\n',
+        "post_reset[0].links",
+        "number of links",
+    ),
+    (
+        '[[quirk]]\nname = "a"\nreason = "r"\n'
+        'post_reset = [{ bar = 0, offset = 0, value = "foreign-links", links = 6, shift = 28 }]\n',
+        "post_reset[0].value",
+        "does not fit",
+    ),
+    (
+        '[[quirk]]\nname = "a"\nreason = "r"\nsynthesize = [{ kind = "nvidia-gpudirect-clique", clique = 16 }]\n',
+        "synthesize[0].clique",
+        "",
+    ),
 ]
 
 
