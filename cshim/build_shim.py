@@ -28,6 +28,7 @@ static const unsigned long VFIO_DEVICE_GET_IRQ_INFO;
 static const unsigned long VFIO_DEVICE_SET_IRQS;
 static const unsigned long VFIO_DEVICE_RESET;
 static const unsigned long VFIO_DEVICE_GET_PCI_HOT_RESET_INFO;
+static const unsigned long VFIO_DEVICE_PCI_HOT_RESET;
 static const unsigned long VFIO_IOMMU_MAP_DMA;
 static const unsigned long VFIO_IOMMU_UNMAP_DMA;
 static const unsigned long VFIO_DEVICE_BIND_IOMMUFD;
@@ -72,6 +73,7 @@ struct vfio_irq_info { uint32_t argsz; uint32_t flags; uint32_t index; uint32_t 
 struct vfio_irq_set { uint32_t argsz; uint32_t flags; uint32_t index; uint32_t start; uint32_t count; ...; };
 struct vfio_pci_dependent_device { uint32_t group_id; uint16_t segment; uint8_t bus; uint8_t devfn; ...; };
 struct vfio_pci_hot_reset_info { uint32_t argsz; uint32_t flags; uint32_t count; ...; };
+struct vfio_pci_hot_reset { uint32_t argsz; uint32_t flags; uint32_t count; int32_t group_fds[]; };
 struct vfio_iommu_type1_dma_map {
     uint32_t argsz; uint32_t flags; uint64_t vaddr; uint64_t iova; uint64_t size; ...;
 };

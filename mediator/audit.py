@@ -1,4 +1,8 @@
-"""Audit events for guest accesses the policy watches, rate-limited.
+"""The audit log, and the events for guest accesses the policy watches, rate-limited.
+
+Audit events (guest accesses to watched registers, hand-offs, quarantine,
+operator commands, fabric calls) go to the same stream as the rest of the
+log, each marked ``audit=True`` so they can be selected and kept apart.
 
 A hostile guest can touch a watched register millions of times a second; the
 journal must not pay for that. Each device has a token bucket: ``burst``
@@ -13,7 +17,7 @@ from collections.abc import Callable
 
 import structlog
 
-log = structlog.get_logger("mediator.audit")
+audit_log = structlog.get_logger("mediator.audit", audit=True)
 
 
 class RateLimiter:
@@ -64,4 +68,4 @@ class Auditor:
         }
         if dropped:
             fields["suppressed"] = dropped
-        log.info(event, **fields)
+        audit_log.info(event, **fields)

@@ -20,20 +20,25 @@ import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
+import msgspec
 import trio
 
 from mediator import __version__, log
-from mediator.backends.base import Backend, BackendError
+from mediator.audit import audit_log
+from mediator.backends.base import BackendError
 from mediator.backends.profile import DEFAULT_PROFILE, load_profile, resolve_profile, shipped_profiles
 from mediator.backends.sim import SimBackend
-from mediator.backends.sysfs import DeviceNotReady
-from mediator.backends.vfio import VfioBackend
+from mediator.backends.sysfs import DeviceNotReady, normalize_bdf
+from mediator.daemon import Daemon, open_device
 from mediator.errors import InputError, InputErrors
+from mediator.handoff import HandOff, Owner
 from mediator.pci.chain import ChainError
 from mediator.pci.registers import Identity
 from mediator.quirks.table import QuirkTable, load_table_file
 from mediator.report import inspection, render_text
-from mediator.vfio_user.server import DeviceServer, SocketInUseError, serve_until_signalled
+from mediator.settings import DeviceSpec, Settings, load_settings
+from mediator.state import StateError, StateStore
+from mediator.vfio_user.server import SocketInUseError
 from mediator.virt.device import VirtualDevice
 from mediator.virt.plan import PlanError
 
@@ -47,29 +52,12 @@ def _print_errors(errors: Sequence[InputError | str]) -> None:
         print(f"error: {error}", file=sys.stderr)
 
 
-def _open_device(args: argparse.Namespace) -> tuple[VirtualDevice, QuirkTable, str, str]:
-    """(virtual device, quirk table, name, source) for --device or --profile."""
-    table = QuirkTable.load(args.quirks, builtin=not args.no_builtin_quirks)
-    backend: Backend
-    if args.device:
-        backend = VfioBackend(args.device, bar_access=args.bar_access)
-        name, source = backend.function.bdf, backend.description
-    else:
-        path = resolve_profile(args.profile)
-        profile = load_profile(path)
-        backend = SimBackend(profile)
-        name, source = profile.name, str(path)
-    try:
-        return VirtualDevice.open(backend, table), table, name, source
-    except BaseException:
-        backend.close()
-        raise
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
-    device, table, name, source = _open_device(args)
+    settings, spec = _configured_device(args)
+    device, table = open_device(settings, spec)
     try:
-        report = inspection(device, name=name, source=source, quirk_origins=table.origins)
+        source = str(resolve_profile(spec.profile)) if spec.profile else device.backend.description
+        report = inspection(device, name=spec.name, source=source, quirk_origins=table.origins)
     finally:
         device.backend.close()
     if args.json:
@@ -114,17 +102,120 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_INPUT if failed else EXIT_OK
 
 
+def _command_line_settings(args: argparse.Namespace) -> Settings:
+    """The one device the command line names, as a config would (no state directory)."""
+    if args.device:
+        name, profile = normalize_bdf(args.device), None
+    else:
+        profile = str(resolve_profile(args.profile))
+        name = load_profile(Path(profile)).name
+    spec = DeviceSpec(
+        name=name,
+        socket=str(args.socket) if getattr(args, "socket", None) else "",
+        bdf=name if args.device else None,
+        profile=profile,
+        bar_access=args.bar_access,
+        quirks=[str(q) for q in args.quirks],
+        builtin_quirks=not args.no_builtin_quirks,
+        reset=getattr(args, "reset", None),
+    )
+    return Settings(source="the command line", devices=(spec,), state_directory=None)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    log.configure(args.log_level)
-    device, _, name, _ = _open_device(args)
-    server = DeviceServer(device, name)
+    if args.config is not None:
+        given = [
+            flag
+            for flag, value in (("--socket", args.socket), ("--device", args.device), ("--reset", args.reset))
+            if value
+        ]
+        if given:
+            raise InputErrors([InputError("the command line", "", f"{given[0]} goes in the config file")])
+        settings = load_settings(args.config)
+    elif args.socket is None:
+        raise InputErrors([InputError("the command line", "", "give --socket PATH, or --config FILE")])
+    else:
+        settings = _command_line_settings(args)
+    log.configure(args.log_level, args.log_format)
     try:
-        trio.run(serve_until_signalled, server, args.socket)
+        daemon = Daemon.open(settings)
+    except StateError as e:
+        _print_errors([str(e)])
+        return EXIT_INPUT
+    try:
+        if not daemon.managed:
+            _print_errors(
+                [why if why.startswith(name) else f"{name}: {why}" for name, why in daemon.failed.items()]
+            )
+            return EXIT_DEVICE
+        trio.run(daemon.serve)
     except SocketInUseError as e:
         _print_errors([str(e)])
         return EXIT_INPUT
     finally:
+        daemon.close()
+    return EXIT_OK
+
+
+def _configured_device(args: argparse.Namespace) -> tuple[Settings, DeviceSpec]:
+    """The config (or the command line) and the device the arguments name in it."""
+    if args.config is None:
+        settings = _command_line_settings(args)
+        return settings, settings.devices[0]
+    settings = load_settings(args.config)
+    wanted = args.device or args.profile
+    spec = settings.find(wanted)
+    if spec is None and args.profile:
+        spec = next((d for d in settings.devices if d.profile == str(resolve_profile(args.profile))), None)
+    if spec is None:
+        raise _no_such_device(settings, wanted)
+    return settings, msgspec.structs.replace(spec, reset=getattr(args, "reset", None) or spec.reset)
+
+
+def _no_such_device(settings: Settings, wanted: str) -> InputErrors:
+    names = ", ".join(d.name for d in settings.devices)
+    return InputErrors([InputError(settings.source, "device", f"no device {wanted!r} (devices: {names})")])
+
+
+def cmd_scrub(args: argparse.Namespace) -> int:
+    settings, spec = _configured_device(args)
+    state = StateStore(settings.state_directory)
+    try:
+        state.prepare()
+    except StateError as e:
+        _print_errors([str(e)])
+        return EXIT_INPUT
+    device, _ = open_device(settings, spec)
+    try:
+        record = HandOff(settings.handoff, state).run(
+            device, Owner(spec.name, spec.bdf, spec.tenant), "on demand"
+        )
+    finally:
         device.backend.close()
+    if args.json:
+        json.dump(record.to_json(), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        for step in record.steps:
+            print(f"{step.name:<10} {step.result:<8} {step.seconds:7.3f} s  {step.detail}")
+        where = f" in {settings.state_directory}" if settings.state_directory else ""
+        verdict = "ready for the next tenant" if record.ok else f"quarantined{where}: {record.failure}"
+        print(f"{spec.name}: {verdict}")
+    return EXIT_OK if record.ok else EXIT_DEVICE
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    spec = settings.find(args.device)
+    if spec is None:
+        raise _no_such_device(settings, args.device)
+    state = StateStore(settings.state_directory)
+    record = state.quarantined(spec.name)
+    if not state.release(spec.name):
+        print(f"{spec.name} is not in quarantine")
+        return EXIT_OK
+    audit_log.warning("released from quarantine", device=spec.name, was=record)
+    print(f"{spec.name} released from quarantine: the daemon hands it off again before its next client")
     return EXIT_OK
 
 
@@ -169,6 +260,15 @@ def _device_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--no-builtin-quirks", action="store_true", help="apply only the --quirks tables")
 
 
+def _reset_argument(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--reset",
+        choices=["bus", "function", "none"],
+        help="how the hand-off resets the device: a secondary bus reset where possible (default), "
+        "a function reset, or none (for a device with no reset method, which is otherwise quarantined)",
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="vfio-mediator",
@@ -183,11 +283,43 @@ def parser() -> argparse.ArgumentParser:
         description="Serve a simulated device profile over vfio-user until SIGTERM or SIGINT.",
     )
     _device_arguments(serve)
+    _reset_argument(serve)
+    serve.add_argument("--socket", type=Path, metavar="PATH", help="the UNIX socket to listen on")
     serve.add_argument(
-        "--socket", type=Path, required=True, metavar="PATH", help="the UNIX socket to listen on"
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="serve every device of a daemon config (tenancy, hand-off, fabric) instead of one device",
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-format", default="text", choices=log.FORMATS)
     serve.set_defaults(run=cmd_serve)
+
+    scrub = commands.add_parser(
+        "scrub",
+        help="hand a device off now: reset, verify, check the ROM, wipe; quarantine it on failure",
+        description="Run the tenant hand-off on a device that is not being served and print each step; "
+        "exit 1 when a step fails (the device is then quarantined).",
+    )
+    _device_arguments(scrub)
+    scrub.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="the daemon config: hand-off policy, tenancy, state directory",
+    )
+    _reset_argument(scrub)
+    scrub.add_argument("--json", action="store_true", help="print the hand-off record as JSON")
+    scrub.set_defaults(run=cmd_scrub)
+
+    release = commands.add_parser(
+        "release",
+        help="take a device out of quarantine once the cause is fixed",
+        description="Remove a device's quarantine; the daemon hands it off again before serving it.",
+    )
+    release.add_argument("--device", required=True, metavar="NAME|BDF", help="the device, by name or address")
+    release.add_argument("--config", type=Path, required=True, metavar="FILE", help="the daemon config")
+    release.set_defaults(run=cmd_release)
 
     inspect = commands.add_parser(
         "inspect",
@@ -196,6 +328,12 @@ def parser() -> argparse.ArgumentParser:
         "every policy decision for a simulated device profile.",
     )
     _device_arguments(inspect)
+    inspect.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="a daemon config: inspect its device (--device NAME|BDF) with its tenancy, links and clique",
+    )
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
     inspect.set_defaults(run=cmd_inspect)
 
@@ -214,12 +352,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    log.configure()  # stderr; serve sets its own level and format before it logs
     try:
         result: int = args.run(args)
     except InputErrors as e:
         _print_errors(e.errors)
         return EXIT_INPUT
-    except (PlanError, ChainError, DeviceNotReady, BackendError) as e:
+    except (PlanError, ChainError, DeviceNotReady, BackendError, StateError) as e:
         _print_errors([str(e)])
         return EXIT_DEVICE
     except BrokenPipeError:

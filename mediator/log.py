@@ -1,4 +1,4 @@
-"""Logging: structlog, key=value lines on stderr.
+"""Logging: structlog, key=value or JSON lines on stderr.
 
 Every line carries what it is about in its context (device, client), bound
 with contextvars where a session starts. The journald and audit formats come
@@ -11,18 +11,33 @@ import logging
 import sys
 
 import structlog
+from structlog.typing import EventDict
+
+FORMATS = ("text", "json")
+LEADING = ("timestamp", "level", "event")
 
 
-def configure(level: str = "info") -> None:
+def _leading_keys_first(_logger: object, _name: str, event: EventDict) -> EventDict:
+    ordered: EventDict = {key: event.pop(key) for key in LEADING if key in event}
+    ordered.update(event)
+    return ordered
+
+
+def configure(level: str = "info", format: str = "text") -> None:
+    """``text``: key=value lines for people; ``json``: one object per line for machines."""
+    renderer = (
+        structlog.processors.JSONRenderer(sort_keys=False)
+        if format == "json"
+        else structlog.processors.KeyValueRenderer()
+    )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
-            structlog.processors.KeyValueRenderer(
-                key_order=["timestamp", "level", "event"], drop_missing=True
-            ),
+            _leading_keys_first,
+            renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),

@@ -82,7 +82,15 @@ def inspection(
             for s in plan.segments
         ],
         "post_reset": [
-            {"bar": w.bar, "offset": w.offset, "size": w.size, "op": w.op, "value": w.value, "quirk": w.quirk}
+            {
+                "bar": w.bar,
+                "offset": w.offset,
+                "size": w.size,
+                "op": w.op,
+                "value": w.value,
+                "verify": w.verify,
+                "quirk": w.quirk,
+            }
             for w in plan.post_reset
         ],
         "anomalies": list(plan.anomalies),

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from mediator.backends.base import IrqCounts
 from mediator.backends.profile import Behaviour, Profile, load_profile, shipped_profiles
 from mediator.backends.sim import SimBackend
 from mediator.quirks.table import QuirkTable
 from mediator.virt.device import VirtualDevice
+from mediator.virt.errors import DeviceError
 from mediator.virt.plan import DeviceContext
 
 PROFILES = shipped_profiles()
@@ -51,10 +60,123 @@ def device(
     prof = profile(source) if isinstance(source, str) else source
     table = QuirkTable.load(quirk_files, builtin=builtin) if quirk_files or not builtin else BUILTIN
     backend = SimBackend(prof)
-    return VirtualDevice.open(backend, table, context), backend
+    dev = VirtualDevice.open(backend, table, context)
+    with contextlib.suppress(DeviceError):  # blocked, as the daemon would leave it
+        dev.establish()
+    return dev, backend
 
 
 def write_table(folder: Path, text: str, name: str = "operator.toml") -> Path:
     path = folder / name
     path.write_text(text)
     return path
+
+
+class DaemonProcess:
+    """`vfio-mediator serve ARGS` in a process, handed over once ``devices`` devices are being served.
+
+    Its log is read all along by a thread (so the pipe never fills) and kept
+    as lines; with ``--log-format json`` they can be read as events.
+    """
+
+    def __init__(self, *args: str, devices: int = 1, timeout: float = 60) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mediator", "serve", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        try:
+            self.wait_for(lambda: sum(1 for line in self.lines if _is_serving(line)) >= devices, timeout)
+        except TimeoutError:
+            self.process.kill()
+            self._reader.join(10)
+            raise RuntimeError("serve did not start:\n" + self.log) from None
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The JSON log's events (``name``: only those)."""
+        parsed = [json.loads(line) for line in list(self.lines) if line.startswith("{")]
+        return [e for e in parsed if name is None or e.get("event") == name]
+
+    def wait_for(self, ready: Callable[[], bool], timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not ready():
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.process.poll() is not None and not self._reader.is_alive()):
+                    raise TimeoutError("the daemon's log never showed it:\n" + self.log)
+                self._changed.wait(min(left, 0.5))
+
+    def wait_for_event(self, name: str, timeout: float = 30, **fields: object) -> dict[str, Any]:
+        """The first JSON event ``name`` whose fields include ``fields``."""
+
+        def matching() -> list[dict[str, Any]]:
+            return [e for e in self.events(name) if all(e.get(k) == v for k, v in fields.items())]
+
+        self.wait_for(lambda: bool(matching()), timeout)
+        return matching()[0]
+
+    def stop(self, signum: int = signal.SIGTERM) -> str:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        self.process.wait(20)
+        self._reader.join(10)
+        return self.log
+
+    def __enter__(self) -> DaemonProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.stop()
+
+
+def _is_serving(line: str) -> bool:
+    return "event='serving'" in line or '"event": "serving"' in line
+
+
+class StandIn:
+    """An operator command that records its calls and fails when told (``tests/commands/standin.py``)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.calls_file = folder / "calls.jsonl"
+
+    def command(self, action: str, *args: str) -> list[str]:
+        return [
+            sys.executable,
+            str(Path(__file__).parent / "commands" / "standin.py"),
+            str(self.calls_file),
+            action,
+            *args,
+        ]
+
+    def calls(self) -> list[tuple[str, list[str]]]:
+        if not self.calls_file.exists():
+            return []
+        lines = self.calls_file.read_text(encoding="utf-8").splitlines()
+        return [(call["action"], call["args"]) for call in map(json.loads, lines)]
+
+    def fail(self, action: str, message: str = "told to fail") -> None:
+        (self.folder / f"fail-{action}").write_text(message, encoding="utf-8")
+
+    def succeed(self, action: str) -> None:
+        (self.folder / f"fail-{action}").unlink(missing_ok=True)

@@ -22,11 +22,14 @@ A profile is a TOML file::
 
     [rom]
     size = 0x20000
+    contents = "image"                      # a valid x86 image for the device (default), or "blank"
 
     [irqs]
     intx = 1                                # 0 or 1; default: 1 when Interrupt Pin is set
     msi = 16
     msix = 0
+
+    resets = ["function", "bus"]            # reset methods: an FLR, a bus reset (alone on its bus)
 
     [[behaviours]]                          # what the simulated hardware does
     kind = "config-mirror"                  # BAR window that reads/writes the real config space
@@ -77,6 +80,7 @@ from mediator.pci.bars import BarType
 from mediator.pci.chain import ChainError, walk
 from mediator.pci.hexdump import DumpedFunction, parse_lspci, select_function
 from mediator.pci.registers import BAR_COUNT, INTERRUPT_PIN, bar_offset, u32
+from mediator.pci.rom import UNIT
 from mediator.tomlinput import convert, read_toml
 
 PROFILES_PACKAGE = "mediator.profiles"
@@ -100,7 +104,8 @@ class BarSpec(Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class RomSpec(Struct, forbid_unknown_fields=True, frozen=True):
-    size: Annotated[int, Meta(ge=1, le=1 << 24)]
+    size: Annotated[int, Meta(ge=UNIT, le=1 << 24)]
+    contents: Literal["image", "blank"] = "image"
 
 
 class IrqSpec(Struct, forbid_unknown_fields=True, frozen=True):
@@ -131,6 +136,7 @@ class ProfileSpec(Struct, forbid_unknown_fields=True, frozen=True):
     rom: RomSpec | None = None
     irqs: IrqSpec = field(default_factory=IrqSpec)
     behaviours: list[BehaviourSpec] = field(default_factory=list)
+    resets: list[Literal["function", "bus"]] = field(default_factory=lambda: ["function", "bus"])
 
 
 @dataclass(frozen=True)
@@ -153,6 +159,8 @@ class Profile:
     rom_size: int
     irqs: IrqCounts
     behaviours: tuple[Behaviour, ...]
+    rom_contents: str = "image"  # "image": a valid expansion ROM for the device; "blank": zeros
+    resets: frozenset[str] = frozenset({"function", "bus"})  # the reset methods the hardware has
 
 
 def _dump(spec: ConfigSpec, folder: Path, source: str) -> DumpedFunction:
@@ -283,6 +291,8 @@ def load_profile(path: Path, source: str | None = None) -> Profile:
         image=bytes(image),
         bar_sizes=tuple(sizes),
         rom_size=spec.rom.size if spec.rom else 0,
+        rom_contents=spec.rom.contents if spec.rom else "image",
+        resets=frozenset(spec.resets),
         irqs=irqs,
         behaviours=behaviours,
     )

@@ -60,6 +60,7 @@ from mediator.backends.dma import DmaError, DmaMapping, DmaTable
 from mediator.backends.profile import Behaviour, Profile
 from mediator.pci.bars import BarType
 from mediator.pci.registers import Identity
+from mediator.pci.rom import build_rom
 
 CONFIG_WRITE_LOG = 1024
 PAGE = mmap.PAGESIZE
@@ -87,9 +88,10 @@ class SimBackend:
         self.description = f"simulated {profile.name} {Identity.of(profile.image)}"
         self.config = bytearray(profile.image)
         self.config_size = len(profile.image)
-        self.can_reset = True
+        self.can_reset = "function" in profile.resets
         self.config_writes: deque[tuple[int, bytes]] = deque(maxlen=CONFIG_WRITE_LOG)
-        self.resets = 0
+        self.resets = 0  # every reset, bus resets included
+        self.bus_resets = 0
         self.interrupts_raised = 0
         self._memory: dict[int, tuple[int, mmap.mmap]] = {}
         counts = {
@@ -158,6 +160,8 @@ class SimBackend:
             except OSError:
                 os.close(fd)
                 raise
+            if index == ROM_REGION and self.profile.rom_contents == "image":
+                self._memory[index][1][:] = build_rom(Identity.of(self.profile.image), size)
         return self._memory[index]
 
     def memory(self, index: int) -> mmap.mmap:
@@ -320,6 +324,14 @@ class SimBackend:
 
     def dma_unmap(self, mapping: DmaMapping) -> None:
         """See ``dma_map``."""
+
+    def bus_reset_obstacle(self) -> str | None:
+        return None if "bus" in self.profile.resets else "the profile has no bus reset"
+
+    def bus_reset(self) -> None:
+        """A secondary bus reset; to the simulator the same as a function reset."""
+        self.reset()
+        self.bus_resets += 1
 
     def reset(self) -> None:
         """A function-level reset: config registers and sticky bits return to their power-on values."""

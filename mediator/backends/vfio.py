@@ -67,6 +67,11 @@ def _advice(errno_value: int, operation: str) -> str:
             "The device or its IOMMU group is in use by another process (another daemon or a VMM): "
             "stop it first"
         )
+    if errno_value == errno.ENOTTY and operation == "VFIO_DEVICE_PCI_HOT_RESET":
+        return (
+            "The kernel could not complete the bus reset; most often the device did not answer "
+            "in time after it (see dmesg)"
+        )
     if errno_value == errno.ENOTTY:
         return f"This kernel does not implement {operation}: it needs a newer vfio-pci"
     return ""
@@ -102,6 +107,7 @@ class VfioDevice:
         self.name = function.bdf
         self._fds: list[int] = []
         self._container: int | None = None
+        self._group: int | None = None
         self._iommufd: int | None = None
         self._ioas = 0
         try:
@@ -169,7 +175,7 @@ class VfioDevice:
                 "the kernel lacks the type1v2 IOMMU backend",
             )
         group_path = dev / str(function.iommu_group)
-        group = self._open(group_path, f"IOMMU group {function.iommu_group}")
+        group = self._group = self._open(group_path, f"IOMMU group {function.iommu_group}")
         status = ffi.new("struct vfio_group_status *", {"argsz": ffi.sizeof("struct vfio_group_status")})
         self._ioctl(group, lib.VFIO_GROUP_GET_STATUS, status, "VFIO_GROUP_GET_STATUS")
         if not status.flags & lib.VFIO_GROUP_FLAGS_VIABLE:
@@ -282,6 +288,21 @@ class VfioDevice:
         if not self.info.flags & lib.VFIO_DEVICE_FLAGS_RESET:
             raise VfioError(self.name, "VFIO_DEVICE_RESET", errno.ENOTTY, "the device has no reset method")
         self._ioctl_value(self.fd, lib.VFIO_DEVICE_RESET, 0, "VFIO_DEVICE_RESET")
+
+    def bus_reset(self) -> None:
+        """A secondary bus (or slot) reset, VFIO_DEVICE_PCI_HOT_RESET.
+
+        Every function the reset reaches must be ours: through the group fd
+        we hold (legacy) or, for a cdev, bound to our iommufd (count 0).
+        """
+        group_fds = [self._group] if self._group is not None else []
+        size = ffi.sizeof("struct vfio_pci_hot_reset") + 4 * len(group_fds)
+        buffer = ffi.new("char[]", size)
+        request = ffi.cast("struct vfio_pci_hot_reset *", buffer)
+        request.argsz, request.count = size, len(group_fds)
+        for i, fd in enumerate(group_fds):
+            request.group_fds[i] = fd
+        self._ioctl(self.fd, lib.VFIO_DEVICE_PCI_HOT_RESET, request, "VFIO_DEVICE_PCI_HOT_RESET")
 
     def hot_reset_devices(self) -> list[str]:
         """Functions a bus/slot reset of this device would reset too (GET_PCI_HOT_RESET_INFO)."""
@@ -517,6 +538,19 @@ class VfioBackend:
 
     def reset(self) -> None:
         self.device.reset()
+
+    def bus_reset_obstacle(self) -> str | None:
+        try:
+            reached = self.device.hot_reset_devices()
+        except VfioError as e:
+            return f"the kernel offers no bus or slot reset ({errno.errorcode.get(e.errno, e.errno)})"
+        others = [bdf for bdf in reached if bdf != self.function.bdf]
+        if others:
+            return "a bus reset would also reset " + ", ".join(others)
+        return None
+
+    def bus_reset(self) -> None:
+        self.device.bus_reset()
 
     def close(self) -> None:
         self.device.close()

@@ -1,11 +1,12 @@
-"""Serving one device on a UNIX socket, under trio.
+"""Serving devices on UNIX sockets, under trio.
 
-The listening socket accepts one client at a time; a second one is refused
+Each listening socket accepts one client at a time; a second one is refused
 (closed at once) and logged, the first keeps its session. Each session runs
-the blocking message pump (``transport``) in a worker thread. When the
-client goes, whatever it attached is released in that thread before the
-next client is taken: DMA mappings unmapped, eventfds detached, the device
-reset. Cancelling ``serve`` (SIGTERM, SIGINT) shuts the client's socket so
+the blocking message pump (``transport``) in a worker thread, between the
+device's ``Lifecycle`` hooks: ``admit`` says whether this client may be
+served at all (quarantine, fabric partition), ``release`` hands the device
+off once the client has gone (``mediator.handoff``), before the next client
+is taken. Cancelling ``serve`` (SIGTERM, SIGINT) shuts the client's socket so
 its pump ends, waits for that clean-up, and removes the socket file.
 """
 
@@ -17,7 +18,9 @@ import os
 import signal
 import socket
 import stat
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 import trio
@@ -59,10 +62,25 @@ def bind_unix(path: Path) -> socket.socket:
     return listener
 
 
+class Lifecycle(Protocol):
+    """What happens to a device around each client; both run in the session's worker thread."""
+
+    def admit(self) -> str | None:
+        """Why this client must be refused (every request gets EPERM), or None to serve it."""
+        ...
+
+    def release(self) -> None:
+        """The client has gone: make the device ready for the next one."""
+        ...
+
+
 class DeviceServer:
-    def __init__(self, device: VirtualDevice, name: str, limits: Limits | None = None) -> None:
+    def __init__(
+        self, device: VirtualDevice, name: str, lifecycle: Lifecycle, limits: Limits | None = None
+    ) -> None:
         self.device = device
         self.name = name
+        self.lifecycle = lifecycle
         self.limits = limits or Limits(max_dma_maps=device.dma.max_mappings)
         self.sessions = 0
         self.refused = 0
@@ -105,16 +123,20 @@ class DeviceServer:
     def _run(self, client: socket.socket, number: int) -> None:
         with structlog.contextvars.bound_contextvars(device=self.name, client=number):
             client.setblocking(True)
-            log.info("client connected")
+            refusal = self.lifecycle.admit()
+            if refusal:
+                log.warning("client connected; it will be refused", why=refusal)
+            else:
+                log.info("client connected")
             connection = Connection(self.limits)
-            service = self.service = DeviceService(self.device, connection)
+            service = self.service = DeviceService(self.device, connection, refusal)
             why = pump(MessageSocket(client, self.limits.max_msg_fds), connection, service)
-            mappings, eventfds = len(self.device.dma), self.device.attached_eventfds
+            log.info("client gone", why=why, requests=service.handled)
             try:
-                self.device.release_client()
-            except Exception:
+                self.lifecycle.release()
+            except Exception:  # the daemon and its other devices keep going
                 log.exception("releasing the device after the client failed")
-            log.info("client gone", why=why, requests=service.handled, unmapped=mappings, eventfds=eventfds)
+                self.device.block("releasing the device after its last client failed; see the log")
 
 
 async def _shut_on_cancel(client: socket.socket) -> None:
@@ -126,25 +148,41 @@ async def _shut_on_cancel(client: socket.socket) -> None:
 
 
 async def serve_until_signalled(
-    server: DeviceServer, path: Path, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    servers: Sequence[tuple[DeviceServer, Path]],
+    on_hangup: Callable[[], Awaitable[None]] | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve on ``path`` until SIGTERM or SIGINT; the socket file is removed on the way out.
+    """Serve each device on its socket until SIGTERM or SIGINT; the socket files are removed on the way out.
 
-    The signal handlers are in place before the socket exists, so a client or
-    a service manager that sees the socket can always stop the daemon cleanly.
+    The signal handlers are in place before the sockets exist, so a client or
+    a service manager that sees a socket can always stop the daemon cleanly.
+    SIGHUP runs ``on_hangup`` (the fabric resync) and serving goes on.
+
+    Raises:
+        SocketInUseError: a socket path is taken; nothing is served then.
     """
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        listener = bind_unix(path)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        listeners: list[tuple[socket.socket, Path]] = []
         try:
+            for _, path in servers:
+                listeners.append((bind_unix(path), path))
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(server.serve, listener)
+                for (server, _), (listener, _) in zip(servers, listeners, strict=True):
+                    nursery.start_soon(server.serve, listener)
                 task_status.started()
                 async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        log.info("reloading", signal="SIGHUP")
+                        if on_hangup is not None:
+                            nursery.start_soon(on_hangup)
+                        continue
                     log.info("stopping", signal=signal.Signals(signum).name)
                     nursery.cancel_scope.cancel()
                     break
         finally:
-            listener.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            log.info("stopped", device=server.name)
+            for listener, path in listeners:
+                listener.close()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            if len(listeners) == len(servers):
+                log.info("stopped", devices=[server.name for server, _ in servers])

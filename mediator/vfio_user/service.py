@@ -61,9 +61,11 @@ def _fields(schema: Any, payload: bytes, name: str) -> Any:
 
 
 class DeviceService:
-    def __init__(self, device: VirtualDevice, connection: Connection) -> None:
+    def __init__(self, device: VirtualDevice, connection: Connection, refusal: str | None = None) -> None:
+        """``refusal``: why this client must not be served at all (quarantine, fabric); None to serve it."""
         self.device = device
         self.connection = connection
+        self.refusal = refusal
         self.counts: Counter[int] = Counter()  # requests by command
         self.closing: str | None = None  # why the session must end once this reply is out
         self._handlers: dict[int, Callable[[Request], Reply]] = {
@@ -91,8 +93,10 @@ class DeviceService:
     def handle(self, request: Request) -> Reply:
         """The reply to one request: (bytes, fds to send with them)."""
         self.counts[request.command] += 1
-        if self.device.blocked:
-            self.closing = f"the device is blocked: {self.device.blocked}"
+        refusal = self.refusal or self.device.blocked
+        if refusal:
+            # Fail closed: every request, VERSION included, until the session ends.
+            self.closing = f"the device is not served: {refusal}"
             return self._refuse(request, errno.EPERM, self.closing)
         try:
             handler = self._handlers.get(request.command)
@@ -285,7 +289,7 @@ class DeviceService:
 
     def _reset(self, request: Request) -> Reply:
         del request
-        self.device.reset()
+        self.device.reset("the client's DEVICE_RESET")
         return b"", []
 
     def _feature(self, request: Request) -> Reply:

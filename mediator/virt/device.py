@@ -13,7 +13,8 @@ trap-window and padding boundaries:
 
 An access past the virtual size is a ``RegionAccessError``: the guest cannot
 have mapped it. ``reset`` resets the backend, restores the shadow, and then
-makes the plan's post-reset writes before anything else can touch the device.
+makes the plan's post-reset writes (``establish``) before anything else can
+touch the device; a protection that does not hold blocks the device.
 
 The device also holds what a client attaches: DMA mappings (a ``DmaTable``
 the backend reaches guest memory through) and interrupt eventfds, validated
@@ -24,14 +25,13 @@ replaced or the client goes (``release_client``). Every refusal is a
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 from collections.abc import Iterator, Sequence
 
 import structlog
 
-from mediator.audit import Auditor
+from mediator.audit import Auditor, audit_log
 from mediator.backends.base import (
     BAR_REGIONS,
     CONFIG_REGION,
@@ -51,6 +51,7 @@ from mediator.backends.base import (
     IRQ_SET_DATA_TYPE,
     ROM_REGION,
     Backend,
+    BackendError,
     IrqInfo,
 )
 from mediator.backends.dma import DmaError, DmaMapping, DmaTable, release
@@ -82,21 +83,18 @@ class VirtualDevice:
 
     @classmethod
     def open(cls, backend: Backend, table: QuirkTable, context: DeviceContext | None = None) -> VirtualDevice:
-        """Plan the device the backend presents with the quirks that match it, and protect it.
+        """Plan the device the backend presents with the quirks that match it.
 
-        The post-reset writes are made at once, before any client: the device
-        may come with links enabled from before. If a verified one does not
-        hold, the device comes back blocked (``blocked`` says why).
+        Nothing is written to the device yet: the daemon hands it off
+        (``mediator.handoff``: reset, post-reset writes, checks) before its
+        first client, and ``inspect`` only looks.
 
         Raises:
             PlanError: the policy cannot be carried out on this device.
         """
         image = backend.read_config(0, backend.config_size)
         regions = [backend.region_info(index) for index in (*BAR_REGIONS, ROM_REGION)]
-        device = cls(backend, build_plan(image, table.for_device(Identity.of(image)), regions, context))
-        with contextlib.suppress(DeviceError):
-            device.establish()
-        return device
+        return cls(backend, build_plan(image, table.for_device(Identity.of(image)), regions, context))
 
     def region_size(self, index: int) -> int:
         """The size the guest sees."""
@@ -152,8 +150,7 @@ class VirtualDevice:
     def write_region(self, index: int, offset: int, data: bytes) -> None:
         if index == CONFIG_REGION:
             if self.config.write(offset, data):
-                log.info("the guest asked for a function reset; the daemon performs it")
-                self.reset()
+                self.reset("the guest's function-level reset (config write)")
             return
         if index == ROM_REGION:
             raise DeviceError(errno.EPERM, "the expansion ROM is read-only")
@@ -191,7 +188,7 @@ class VirtualDevice:
         elif window.action == "config-mirror":
             first, inside = self._config_span(window, start, start + len(data))
             if inside and self.config.write(first, data[:inside]):
-                self.reset()
+                self.reset("the guest's function-level reset (through the BAR0 config mirror)")
 
     def _audit(self, window: TrapWindow, start: int, direction: str, data: bytes) -> None:
         event = "guest access" if window.action == "audit" else "guest access trapped"
@@ -325,37 +322,55 @@ class VirtualDevice:
         return len(self._irq_fds) + len(self._resample_fds)
 
     def release_client(self) -> None:
-        """What a departing client leaves behind goes: DMA mappings, eventfds; then a reset.
+        """What a departing client leaves behind goes: DMA mappings and eventfds.
 
-        A device without a reset method keeps its hardware state for the next
-        client (the virtual state is restored regardless): that is logged, as
-        the next client may see what this one left.
+        The hand-off (``mediator.handoff``) then resets and checks the device.
         """
-        try:
-            self.dma_unmap_all()
-            for index in range(IRQ_COUNT):
-                if any(k[0] == index for k in self._irq_fds) or index in self._resample_fds:
-                    self.backend.set_irqs(index, IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER, 0, 0, [])
-                    self._own_irq_fds(index, IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER, 0, 0, [])
-        finally:
-            if self.backend.can_reset:
-                with contextlib.suppress(DeviceError):  # the device is blocked, and that is logged
-                    self.reset()
+        self.dma_unmap_all()
+        for index in range(IRQ_COUNT):
+            if any(k[0] == index for k in self._irq_fds) or index in self._resample_fds:
+                self.backend.set_irqs(index, IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER, 0, 0, [])
+                self._own_irq_fds(index, IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER, 0, 0, [])
+
+    def restart(self, *, bus: bool = False) -> str:
+        """Reset the hardware and restore the virtual state; no post-reset writes yet.
+
+        A bus reset when ``bus`` is asked and the backend can reset this
+        function alone, else a function reset. Returns which one was done
+        (and why not a bus reset, when it was asked).
+
+        Raises:
+            DeviceError: ENOTTY when the device has no reset method at all.
+        """
+        obstacle = self.backend.bus_reset_obstacle() if bus else None
+        if bus and obstacle is None:
+            try:
+                self.backend.bus_reset()
+            except BackendError as e:
+                # The kernel may give up waiting for the device after the reset
+                # (ENOTTY from pci_bridge_wait_for_secondary_bus): the config
+                # check after the reset shows whether the device came back.
+                obstacle = f"the bus reset failed: {e}"
+                log.warning("bus reset failed; falling back to a function reset", why=str(e))
             else:
                 self.config.reset()
-                log.warning("the device has no reset method: its state carries over to the next client")
+                return "bus reset"
+        if self.backend.can_reset:
+            self.backend.reset()
+            self.config.reset()
+            return "function reset" + (f" ({obstacle})" if obstacle else "")
+        why = "the device has no reset method (no FLR, PM or bus reset)"
+        raise DeviceError(errno.ENOTTY, why + (f"; {obstacle}" if obstacle else ""))
 
-    def reset(self) -> None:
-        """Reset the device, restore the virtual state, then make the post-reset writes.
+    def reset(self, cause: str) -> None:
+        """A reset the guest asked for, done by the daemon: reset, restore, post-reset writes.
 
         Raises:
             DeviceError: ENOTTY when the device has no reset method; EIO when a
                 verified post-reset write did not hold (the device is then blocked).
         """
-        if not self.backend.can_reset:
-            raise DeviceError(errno.ENOTTY, "the device has no reset method (no FLR, PM or bus reset)")
-        self.backend.reset()
-        self.config.reset()
+        done = self.restart()
+        audit_log.info("guest reset", cause=cause, reset=done, post_reset_writes=len(self.plan.post_reset))
         self.establish()
 
     def establish(self) -> None:

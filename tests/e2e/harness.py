@@ -1,7 +1,7 @@
 """Real QEMU 11.1 against the daemon, driven through qtest (no guest code).
 
-``served`` runs a ``DeviceServer`` on a real UNIX socket in a background
-thread of the test process (so tests can read its counters and look at the
+``served`` runs the daemon's ``DeviceServer`` (with its hand-off lifecycle)
+on a real UNIX socket in a background thread of the test process (so tests can read its counters and look at the
 simulated hardware); ``Machine`` starts QEMU with the vfio-user device and
 speaks the qtest protocol to it: config cycles through 0xCF8/0xCFC, the ECAM
 window (after programming q35's PCIEXBAR), MMIO, guest memory, interrupts.
@@ -17,18 +17,18 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
 from mediator.backends.sim import SimBackend
-from mediator.quirks.table import QuirkTable
+from mediator.daemon import Daemon
+from mediator.settings import DeviceSpec, Settings
 from mediator.vfio_user.server import DeviceServer, bind_unix
 from mediator.vfio_user.wire import Command
 from mediator.virt.device import VirtualDevice
-from tests.support import BUILTIN, profile
 
 ROOT = Path(__file__).parents[2]
 ECAM_BASE = 0xB000_0000
@@ -66,12 +66,18 @@ class Served:
 @contextlib.contextmanager
 def served(profile_name: str, folder: Path, *, quirk_files: tuple[Path, ...] = ()) -> Iterator[Served]:
     """The daemon serving ``profile_name`` on ``folder``/device.sock until the block ends."""
-    backend = SimBackend(profile(profile_name))
-    table = QuirkTable.load(quirk_files) if quirk_files else BUILTIN
-    device = VirtualDevice.open(backend, table)
     path = folder / "device.sock"
+    spec = DeviceSpec(
+        name=profile_name, socket=str(path), profile=profile_name, quirks=[str(q) for q in quirk_files]
+    )
+    daemon = Daemon.open(Settings(source="test", devices=(spec,), state_directory=None))
+    assert not daemon.failed, daemon.failed
+    managed = daemon.managed[0]
+    device = managed.device
+    backend = device.backend
+    assert isinstance(backend, SimBackend)
     listener = bind_unix(path)
-    state = Served(DeviceServer(device, profile_name), device, backend, path)
+    state = Served(DeviceServer(device, profile_name, managed), device, backend, path)
     started = threading.Event()
 
     async def main() -> None:
@@ -114,8 +120,12 @@ class Machine:
         behind_root_port: bool,
         extra: tuple[str, ...] = (),
         host: str | None = None,
+        more: Sequence[Path] = (),
     ) -> None:
-        """QEMU with the vfio-user device on ``sock``, or with plain vfio-pci on ``host`` (a BDF)."""
+        """QEMU with the vfio-user device on ``sock``, or with plain vfio-pci on ``host`` (a BDF).
+
+        ``more`` plugs further vfio-user devices into the root bus at 00:06.0, 00:07.0...
+        """
         self.folder = Path(tempfile.mkdtemp(prefix="vfio-mediator-qtest-"))
         qtest_path = self.folder / "qtest.sock"
         listener = socket.socket(socket.AF_UNIX)
@@ -145,6 +155,20 @@ class Machine:
                 *["-qtest", f"unix:{qtest_path}", "-qmp", f"unix:{self.qmp_path},server=on,wait=off"],
                 *topology,
                 *["-device", json.dumps(device)],
+                *[
+                    arg
+                    for i, path in enumerate(more)
+                    for arg in (
+                        "-device",
+                        json.dumps(
+                            {
+                                "driver": "vfio-user-pci",
+                                "socket": {"type": "unix", "path": str(path)},
+                                "addr": f"{6 + i:02x}.0",
+                            }
+                        ),
+                    )
+                ],
                 *extra,
             ],
             stdout=subprocess.DEVNULL,
@@ -289,14 +313,14 @@ class Machine:
             return (~mask + 1) & ((1 << 64) - 1)
         return (~(low & 0xFFFFFFF0) + 1) & 0xFFFFFFFF
 
-    def map_bar(self, index: int, address: int) -> None:
+    def map_bar(self, index: int, address: int, bdf: tuple[int, int, int] | None = None) -> None:
         offset = 0x10 + 4 * index
-        self.cfg_write(offset, 4, address & 0xFFFFFFFF)
-        if self.cfg_read(offset, 4) & 0x4:
-            self.cfg_write(offset + 4, 4, address >> 32)
+        self.cfg_write(offset, 4, address & 0xFFFFFFFF, bdf)
+        if self.cfg_read(offset, 4, bdf) & 0x4:
+            self.cfg_write(offset + 4, 4, address >> 32, bdf)
 
-    def enable(self, command: int = 0x0006) -> None:
-        self.cfg_write(0x04, 2, command)
+    def enable(self, command: int = 0x0006, bdf: tuple[int, int, int] | None = None) -> None:
+        self.cfg_write(0x04, 2, command, bdf)
 
     def wait_irq(self, line: int, timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout

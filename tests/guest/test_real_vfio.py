@@ -95,6 +95,7 @@ CHECKS = [
     "unbound",
     "policy-on-real-devices",
     "edu-session",
+    "handoff",
     "ebusy",
     "eacces",
     "memlock",

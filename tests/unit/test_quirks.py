@@ -183,7 +183,7 @@ post_reset = [
     bar4 = dev.plan.bar(4)
     assert bar4 is not None and not bar4.type.prefetchable and bar4.physical_type.prefetchable
     sim.write_region(0, 0x200, (0x11).to_bytes(4, "little"))
-    dev.reset()
+    dev.reset("a test")
     assert int.from_bytes(sim.read_region(0, 0x200, 4), "little") == 0x02000011
     assert int.from_bytes(sim.read_region(0, 0x12004C, 4), "little") == 4
     assert sim.resets == 1
@@ -287,3 +287,9 @@ def test_every_problem_in_a_table_is_reported(tmp_path: Path) -> None:
     with pytest.raises(InputErrors) as error:
         QuirkTable.load([path])
     assert [e.where.split(".")[0] for e in error.value.errors] == ["quirk[0] (a)", "quirk[1]"]
+
+
+def test_every_builtin_quirk_is_documented() -> None:
+    documented = (Path(__file__).parents[2] / "docs" / "quirks.md").read_text()
+    missing = [q.name for q in BUILTIN.quirks if f"`{q.name}`" not in documented]
+    assert not missing, f"docs/quirks.md does not describe {missing}"

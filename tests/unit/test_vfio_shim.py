@@ -36,6 +36,7 @@ def io(nr: int) -> int:
         ("VFIO_DEVICE_SET_IRQS", io(VFIO_BASE + 10)),
         ("VFIO_DEVICE_RESET", io(VFIO_BASE + 11)),
         ("VFIO_DEVICE_GET_PCI_HOT_RESET_INFO", io(VFIO_BASE + 12)),
+        ("VFIO_DEVICE_PCI_HOT_RESET", io(VFIO_BASE + 13)),  # same number as MAP_DMA, on the device fd
         ("VFIO_IOMMU_MAP_DMA", io(VFIO_BASE + 13)),
         ("VFIO_IOMMU_UNMAP_DMA", io(VFIO_BASE + 14)),
         ("VFIO_DEVICE_BIND_IOMMUFD", io(VFIO_BASE + 18)),
@@ -64,6 +65,7 @@ def test_ioctl_numbers_are_the_kernel_abi(name: str, number: int) -> None:
         ("vfio_iommu_type1_dma_map", 32, {"vaddr": 8, "iova": 16, "size": 24}),
         ("vfio_iommu_type1_dma_unmap", 24, {"iova": 8, "size": 16}),
         ("vfio_pci_hot_reset_info", 12, {"count": 8}),
+        ("vfio_pci_hot_reset", 12, {"count": 8, "group_fds": 12}),
         ("vfio_pci_dependent_device", 8, {"segment": 4, "bus": 6, "devfn": 7}),
         ("vfio_device_bind_iommufd", 16, {"iommufd": 8, "out_devid": 12}),
         ("vfio_device_attach_iommufd_pt", 12, {"pt_id": 8}),

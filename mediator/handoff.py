@@ -1,0 +1,232 @@
+"""Tenant hand-off: making a device ready for its next tenant, or quarantining it.
+
+Run when the daemon starts, when a client goes, and on demand (``vfio-mediator
+scrub``). The steps, in order, each timed and recorded:
+
+  release    the DMA mappings and eventfds the client left go
+  reset      a secondary bus reset when the policy prefers it and the function
+             is alone on its bus (an FLR can leave stale firmware state), else
+             a function reset; a device with no reset method fails here unless
+             its config opts out (reset = "none")
+  config     identity, capability layout and BAR types read back as before
+  isolation  the policy's post-reset writes (NVLink link disable...), verified
+  rom        the expansion ROM is well formed, for this vendor, and on the
+             allow-list when there is one
+  wipe       the operator's sanitisation command exits 0
+  fabric     the NVSwitch partition is released when this was its last GPU
+
+The first failure ends the hand-off: later steps are recorded as not run,
+except the fabric release, which runs anyway so a partition is never left
+behind. A failed hand-off puts the device in quarantine (``mediator.state``):
+it is refused until an operator releases it. The record goes to the audit
+log and the state directory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from mediator.audit import audit_log
+from mediator.backends.base import ROM_REGION
+from mediator.commands import run_command
+from mediator.pci.bars import BarType
+from mediator.pci.chain import ChainError, walk
+from mediator.pci.registers import Identity
+from mediator.pci.rom import RomError, check_rom
+from mediator.settings import HandoffSpec, ResetMode, expand
+from mediator.state import StateStore
+from mediator.virt.device import VirtualDevice
+from mediator.virt.errors import DeviceError
+
+OK, FAILED, SKIPPED, NOT_RUN = "ok", "failed", "skipped", "not run"
+
+
+class StepFailed(Exception):
+    """A hand-off step did not succeed; the message says what was found."""
+
+
+@dataclass
+class Step:
+    name: str
+    result: str  # ok, failed, skipped (nothing to do), not run (an earlier step failed)
+    detail: str
+    seconds: float = 0.0
+
+
+@dataclass
+class HandOffRecord:
+    device: str
+    bdf: str | None
+    tenant: str | None  # the tenant the device is being taken from
+    reason: str  # "client gone", "daemon start", "on demand", "released by an operator"
+    started: str  # ISO 8601, UTC
+    seconds: float = 0.0
+    steps: list[Step] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(step.result in (OK, SKIPPED) for step in self.steps)
+
+    @property
+    def failure(self) -> str | None:
+        failed = next((s for s in self.steps if s.result == FAILED), None)
+        return f"{failed.name}: {failed.detail}" if failed else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Whose device it is, for the record and the wipe command."""
+
+    name: str
+    bdf: str | None = None
+    tenant: str | None = None
+
+
+class HandOff:
+    def __init__(
+        self,
+        policy: HandoffSpec,
+        state: StateStore,
+        release_fabric: Callable[[str], str] | None = None,
+    ) -> None:
+        self.policy = policy
+        self.state = state
+        self._release_fabric = release_fabric
+
+    def run(
+        self, device: VirtualDevice, owner: Owner, reason: str, reset: ResetMode | None = None
+    ) -> HandOffRecord:
+        """Every step; on a failure the device is blocked and quarantined.
+
+        ``reset`` overrides the policy's reset mode for this device.
+        """
+        started = datetime.now(UTC)
+        record = HandOffRecord(
+            owner.name, owner.bdf, owner.tenant, reason, started.isoformat(timespec="seconds")
+        )
+        steps: list[tuple[str, Callable[[], str]]] = [
+            ("release", lambda: _release(device)),
+            ("reset", lambda: _reset(device, reset or self.policy.reset)),
+            ("config", lambda: _config_as_before(device)),
+            ("isolation", lambda: _isolation(device)),
+            ("rom", lambda: _rom(device, frozenset(h.lower() for h in self.policy.rom_sha256))),
+            ("wipe", lambda: self._wipe(owner)),
+        ]
+        clock = time.monotonic()
+        for name, action in steps:
+            if record.failure:
+                record.steps.append(Step(name, NOT_RUN, "an earlier step failed"))
+                continue
+            record.steps.append(_timed(name, action))
+        if self._release_fabric is not None:
+            release_fabric = self._release_fabric
+            record.steps.append(_timed("fabric", lambda: release_fabric(owner.name)))
+        record.seconds = round(time.monotonic() - clock, 3)
+        self._conclude(device, owner, record, started)
+        return record
+
+    def _wipe(self, owner: Owner) -> str:
+        if self.policy.wipe is None:
+            raise _Skip("no wipe command configured")
+        argv = expand(self.policy.wipe, device=owner.name, bdf=owner.bdf or "", tenant=owner.tenant or "")
+        result = run_command("device wipe", argv, self.policy.wipe_timeout, device=owner.name)
+        if not result.ok:
+            raise StepFailed(f"{argv[0]}: {result.summary}" + (f": {result.output}" if result.output else ""))
+        return f"{argv[0]}: {result.summary}"
+
+    def _conclude(
+        self, device: VirtualDevice, owner: Owner, record: HandOffRecord, started: datetime
+    ) -> None:
+        document = record.to_json()
+        stamp = started.strftime("%Y%m%dT%H%M%S.%fZ")
+        try:
+            where = self.state.keep_record(owner.name, stamp, document)
+        except OSError as e:
+            where = None
+            audit_log.error("hand-off record not kept", device=owner.name, why=str(e))
+        failure = record.failure
+        if failure is None:
+            device.blocked = None
+            audit_log.info("hand-off", ok=True, record=document, path=str(where) if where else None)
+            return
+        device.block(f"quarantined: {failure}")
+        try:
+            self.state.quarantine(owner.name, document)
+        except OSError as e:
+            audit_log.error("quarantine not recorded on disk", device=owner.name, why=str(e))
+        audit_log.error("hand-off", ok=False, record=document, path=str(where) if where else None)
+
+
+class _Skip(Exception):
+    """Nothing to do for this step on this device."""
+
+
+def _timed(name: str, action: Callable[[], str]) -> Step:
+    clock = time.monotonic()
+    try:
+        result, detail = OK, action()
+    except _Skip as e:
+        result, detail = SKIPPED, str(e)
+    except (StepFailed, DeviceError, RomError, ChainError) as e:
+        result, detail = FAILED, str(e)
+    except Exception as e:  # a step must never take the daemon down; the device is quarantined
+        result, detail = FAILED, f"{type(e).__name__}: {e}"
+    return Step(name, result, detail, round(time.monotonic() - clock, 3))
+
+
+def _reset(device: VirtualDevice, mode: ResetMode) -> str:
+    if mode == "none":
+        device.config.reset()
+        raise _Skip('the config says this device is not reset between tenants (reset = "none")')
+    return device.restart(bus=mode == "bus")
+
+
+def _release(device: VirtualDevice) -> str:
+    mappings, eventfds = len(device.dma), device.attached_eventfds
+    device.release_client()
+    return f"{mappings} DMA mappings, {eventfds} eventfds"
+
+
+def _config_as_before(device: VirtualDevice) -> str:
+    before = device.plan.physical
+    now = device.backend.read_config(0, len(before))
+    if now[:2] == b"\xff\xff":
+        raise StepFailed("the device does not answer: its config space reads all ones")
+    if Identity.of(now) != Identity.of(before):
+        raise StepFailed(f"the device now reads as {Identity.of(now)}, it was {Identity.of(before)}")
+    layout_before = [(c.kind.name, c.id, c.offset) for c in walk(before).all()]
+    layout_now = [(c.kind.name, c.id, c.offset) for c in walk(now).all()]
+    if layout_now != layout_before:
+        raise StepFailed(f"the capability layout changed: {layout_now} instead of {layout_before}")
+    for bar in device.plan.bars:  # implemented BARs only: an upper half holds address bits
+        if BarType.of(now, bar.index) != bar.physical_type:
+            raise StepFailed(
+                f"BAR{bar.index} is now {BarType.of(now, bar.index)}, it was {bar.physical_type}"
+            )
+    return f"identity, {len(layout_now)} capabilities and BAR types as before"
+
+
+def _isolation(device: VirtualDevice) -> str:
+    writes = device.plan.post_reset
+    if not writes:
+        raise _Skip("the policy has no post-reset writes for this device")
+    device.establish()
+    verified = sum(1 for w in writes if w.verify)
+    return f"{len(writes)} post-reset writes made, {verified} verified"
+
+
+def _rom(device: VirtualDevice, allowed: frozenset[str]) -> str:
+    rom = device.plan.rom
+    if rom is None:
+        raise _Skip("no expansion ROM")
+    data = device.backend.read_region(ROM_REGION, 0, rom.physical_size)
+    checked = check_rom(data, device.plan.identity, allowed)
+    listed = ", on the allow-list" if allowed else ""
+    return f"{len(checked.images)} image(s), {checked.length} bytes, SHA-256 {checked.sha256}{listed}"

@@ -1,0 +1,246 @@
+"""The daemon's configuration file: the devices it serves, who owns them, and how.
+
+A TOML file, checked as a whole before anything starts; every error names
+the file and the key::
+
+    state_directory = "/var/lib/vfio-mediator"   # quarantine and hand-off records
+
+    [[device]]
+    name = "gpu0"                       # how logs, peers and the CLI refer to it
+    bdf = "0000:3b:00.0"                # a real function bound to vfio-pci ...
+    # profile = "v100-sxm2"             # ... or a simulated one
+    socket = "/run/vfio-mediator/gpu0.sock"
+    tenant = "alice"                    # who the device belongs to now
+    serial = "0324718003456"            # how peers may name it (optional)
+    gpudirect_clique = 3                # GPUDirect P2P clique the guest sees (optional, 0-15)
+    reset = "function"                  # this device's hand-off reset, overriding [handoff] reset
+    bar_access = "mmap"                 # or "trap"
+    quirks = ["/etc/vfio-mediator/quirks/site.toml"]
+      [device.links]                    # NVLink index -> peer: device name, BDF or serial
+      0 = "gpu1"
+      1 = "0000:3c:00.0"
+
+    [handoff]                           # what happens between tenants
+    reset = "bus"                       # prefer a secondary bus reset ("bus") or an FLR ("function");
+                                        # "none": the device is not reset (a device with no reset
+                                        # method is quarantined unless its entry says so)
+    rom_sha256 = ["9f86d081..."]        # allow-list for the expansion ROM (optional)
+    wipe = ["/usr/local/sbin/gpu-wipe", "{bdf}"]   # device memory sanitisation (optional)
+    wipe_timeout = 900                  # seconds
+
+    [fabric]                            # NVSwitch partitions (Fabric Manager); optional
+    activate = ["fmpm", "-a", "{partition}"]
+    deactivate = ["fmpm", "-d", "{partition}"]
+    resync = ["fmpm", "--set-activated-list", "{partitions}"]
+    timeout = 60                        # seconds, per command
+      [[fabric.partition]]
+      id = 1
+      devices = ["gpu0", "gpu1"]
+
+Links not listed lead to a peer nobody here owns: they are disabled.
+Commands are argv lists, never run through a shell; ``{device}``, ``{bdf}``,
+``{tenant}``, ``{partition}`` and ``{partitions}`` are replaced in each word.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from mediator.backends.sysfs import DeviceNotReady, normalize_bdf
+from mediator.errors import InputError, InputErrors
+from mediator.tomlinput import convert, read_toml
+
+Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)]
+Command = Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1)]
+ResetMode = Literal["bus", "function", "none"]
+DEFAULT_STATE_DIRECTORY = Path("/var/lib/vfio-mediator")
+
+
+class DeviceSpec(Struct, forbid_unknown_fields=True, frozen=True):
+    name: Name
+    socket: str
+    bdf: str | None = None
+    profile: str | None = None
+    tenant: str | None = None
+    serial: str | None = None
+    gpudirect_clique: Annotated[int, Meta(ge=0, le=15)] | None = None
+    bar_access: Literal["mmap", "trap"] = "mmap"
+    quirks: list[str] = msgspec.field(default_factory=list)
+    builtin_quirks: bool = True
+    reset: ResetMode | None = None  # None: the [handoff] policy's
+    links: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class HandoffSpec(Struct, forbid_unknown_fields=True, frozen=True):
+    reset: ResetMode = "bus"
+    rom_sha256: list[Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{64}$")]] = msgspec.field(default_factory=list)
+    wipe: Command | None = None
+    wipe_timeout: Annotated[float, Meta(gt=0)] = 900.0
+
+
+class PartitionSpec(Struct, forbid_unknown_fields=True, frozen=True):
+    id: Annotated[int, Meta(ge=0)]
+    devices: Annotated[list[Name], Meta(min_length=1)]
+
+
+class FabricSpec(Struct, forbid_unknown_fields=True, frozen=True):
+    activate: Command
+    deactivate: Command
+    resync: Command | None = None
+    timeout: Annotated[float, Meta(gt=0)] = 60.0
+    partition: list[PartitionSpec] = msgspec.field(default_factory=list)
+
+
+class SettingsSpec(Struct, forbid_unknown_fields=True, frozen=True):
+    device: Annotated[list[DeviceSpec], Meta(min_length=1)]
+    state_directory: str = str(DEFAULT_STATE_DIRECTORY)
+    handoff: HandoffSpec = msgspec.field(default_factory=HandoffSpec)
+    fabric: FabricSpec | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The checked configuration; paths in it are absolute or relative to the file's folder."""
+
+    source: str
+    devices: tuple[DeviceSpec, ...]
+    state_directory: Path | None  # None: quarantine lives in memory only, records go to the log
+    handoff: HandoffSpec = field(default_factory=HandoffSpec)
+    fabric: FabricSpec | None = None
+
+    def device(self, name: str) -> DeviceSpec:
+        for device in self.devices:
+            if device.name == name:
+                return device
+        raise KeyError(name)
+
+    def find(self, text: str) -> DeviceSpec | None:
+        """The device named ``text``, or at that BDF, or with that serial number."""
+        for device in self.devices:
+            if text in (device.name, device.serial) or (
+                device.bdf is not None and _same_bdf(device.bdf, text)
+            ):
+                return device
+        return None
+
+
+def _same_bdf(bdf: str, text: str) -> bool:
+    try:
+        return normalize_bdf(text) == bdf
+    except DeviceNotReady:
+        return False
+
+
+COMMAND_FIELDS = {
+    "handoff.wipe": {"device", "bdf", "tenant"},
+    "fabric.activate": {"partition"},
+    "fabric.deactivate": {"partition"},
+    "fabric.resync": {"partitions"},
+}
+
+
+def expand(command: Sequence[str], **values: str) -> list[str]:
+    """``command`` with ``{name}`` replaced in every word (the names were checked at load)."""
+    return [word.format_map(values) for word in command]
+
+
+def _placeholders(command: Sequence[str]) -> set[str]:
+    return {name for word in command for _, name, _, _ in string.Formatter().parse(word) if name is not None}
+
+
+def _check(spec: SettingsSpec, source: str) -> list[InputError]:
+    errors: list[InputError] = []
+
+    def problem(where: str, message: str) -> None:
+        errors.append(InputError(source, where, message))
+
+    names: dict[str, int] = {}
+    sockets: dict[str, int] = {}
+    for i, device in enumerate(spec.device):
+        where = f"device[{i}] ({device.name})"
+        if device.name in names:
+            problem(f"{where}.name", f"repeats device[{names[device.name]}]")
+        names.setdefault(device.name, i)
+        if device.socket in sockets:
+            problem(f"{where}.socket", f"repeats device[{sockets[device.socket]}]'s socket")
+        sockets.setdefault(device.socket, i)
+        if (device.bdf is None) == (device.profile is None):
+            problem(where, "give exactly one of bdf (a real device) or profile (simulated)")
+        if device.bdf is not None:
+            try:
+                normalize_bdf(device.bdf)
+            except DeviceNotReady as e:
+                problem(f"{where}.bdf", str(e))
+        for link in device.links:
+            if not link.isdigit() or int(link) > 63:
+                problem(f"{where}.links.{link}", "link indexes are numbers 0-63")
+    commands = {"handoff.wipe": spec.handoff.wipe}
+    if spec.fabric is not None:
+        commands |= {
+            "fabric.activate": spec.fabric.activate,
+            "fabric.deactivate": spec.fabric.deactivate,
+            "fabric.resync": spec.fabric.resync,
+        }
+    for key, command in commands.items():
+        try:
+            unknown = _placeholders(command or []) - COMMAND_FIELDS[key]
+        except ValueError as e:
+            problem(key, f"a malformed placeholder: {e}")
+            continue
+        if unknown:
+            problem(
+                key,
+                f"unknown placeholder {{{sorted(unknown)[0]}}}; it may use "
+                + ", ".join(f"{{{name}}}" for name in sorted(COMMAND_FIELDS[key])),
+            )
+    if spec.fabric is not None:
+        ids: dict[int, int] = {}
+        for i, partition in enumerate(spec.fabric.partition):
+            for member in partition.devices:
+                if member not in names:
+                    problem(f"fabric.partition[{i}].devices", f"no device named {member!r}")
+            if partition.id in ids:
+                problem(f"fabric.partition[{i}].id", f"repeats fabric.partition[{ids[partition.id]}]")
+            ids.setdefault(partition.id, i)
+    return errors
+
+
+def load_settings(path: Path) -> Settings:
+    """The checked configuration. Raises InputErrors with every problem found."""
+    source = str(path)
+    try:
+        spec = convert(read_toml(path, source), SettingsSpec, source, "")
+    except InputError as e:
+        raise InputErrors([e]) from None
+    errors = _check(spec, source)
+    if errors:
+        raise InputErrors(errors)
+    base = path.absolute().parent
+    return Settings(
+        source=source,
+        devices=tuple(_resolved(device, base) for device in spec.device),
+        state_directory=base / spec.state_directory,
+        handoff=spec.handoff,
+        fabric=spec.fabric,
+    )
+
+
+def _resolved(device: DeviceSpec, base: Path) -> DeviceSpec:
+    """Paths made relative to the config file's folder; the BDF in its long form."""
+    profile = device.profile
+    if profile is not None and ("/" in profile or profile.endswith(".toml")):
+        profile = str(base / profile)
+    return msgspec.structs.replace(
+        device,
+        socket=str(base / device.socket),
+        bdf=normalize_bdf(device.bdf) if device.bdf is not None else None,
+        profile=profile,
+        quirks=[str(base / quirk) for quirk in device.quirks],
+    )

@@ -1,0 +1,174 @@
+"""Tenant hand-off on the simulator: each step, its failures, quarantine and the records."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from structlog.testing import capture_logs
+
+from mediator.backends.base import BackendError
+from mediator.backends.profile import Behaviour
+from mediator.handoff import HandOff, Owner
+from mediator.settings import HandoffSpec
+from mediator.state import StateStore
+from tests.support import StandIn, device, profile
+
+OWNER = Owner("gpu0", "0000:3b:00.0", "alice")
+
+
+def results(record) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    return {step.name: step.result for step in record.steps}
+
+
+def test_a_clean_device_passes_every_step_with_a_bus_reset(tmp_path: Path) -> None:
+    dev, sim = device("v100-sxm2")
+    state = StateStore(tmp_path)
+    state.prepare()
+    with capture_logs() as logs:
+        record = HandOff(HandoffSpec(), state).run(dev, OWNER, "client gone")
+    assert record.ok, record
+    assert results(record) == {
+        "release": "ok",
+        "reset": "ok",
+        "config": "ok",
+        "isolation": "ok",
+        "rom": "ok",
+        "wipe": "skipped",
+    }
+    steps = {s.name: s.detail for s in record.steps}
+    assert steps["reset"] == "bus reset" and sim.bus_resets == 1
+    assert steps["isolation"] == "4 post-reset writes made, 1 verified"
+    assert "1 image(s)" in steps["rom"] and "SHA-256" in steps["rom"]
+    assert dev.blocked is None and state.quarantined("gpu0") is None
+    kept = list((tmp_path / "handoffs" / "gpu0").glob("*.json"))
+    assert len(kept) == 1
+    document = json.loads(kept[0].read_text())
+    assert document["ok"] and document["tenant"] == "alice" and document["reason"] == "client gone"
+    assert [e for e in logs if e["event"] == "hand-off" and e["audit"] and e["ok"]]
+
+
+def test_a_function_reset_when_the_policy_says_so(tmp_path: Path) -> None:
+    dev, sim = device("h100-sxm5")
+    record = HandOff(HandoffSpec(reset="function"), StateStore(None)).run(dev, OWNER, "on demand")
+    assert record.ok and sim.bus_resets == 0 and sim.resets == 1
+
+
+def test_a_blank_rom_quarantines_the_device_and_stops_the_hand_off(tmp_path: Path) -> None:
+    dev, _ = device(dataclasses.replace(profile("h100-sxm5"), rom_contents="blank"))
+    state = StateStore(tmp_path)
+    state.prepare()
+    wipe = StandIn(tmp_path)
+    record = HandOff(HandoffSpec(wipe=wipe.command("wipe", "{bdf}")), state).run(dev, OWNER, "client gone")
+    assert not record.ok
+    assert results(record)["rom"] == "failed" and results(record)["wipe"] == "not run"
+    assert record.failure is not None and "no 0x55AA signature" in record.failure
+    assert wipe.calls() == []
+    assert dev.blocked == f"quarantined: {record.failure}"
+    quarantined = state.quarantined("gpu0")
+    assert quarantined is not None and quarantined["ok"] is False
+    assert (tmp_path / "quarantine" / "gpu0.json").exists()
+
+
+def test_the_rom_must_be_on_the_allow_list_when_there_is_one() -> None:
+    dev, _ = device("h100-sxm5")
+    policy = HandoffSpec(rom_sha256=["ab" * 32])
+    record = HandOff(policy, StateStore(None)).run(dev, OWNER, "client gone")
+    assert results(record)["rom"] == "failed" and "not on the allow-list" in (record.failure or "")
+    digest = record.failure.split("SHA-256 ")[1].split()[0] if record.failure else ""
+    dev.blocked = None
+    record = HandOff(HandoffSpec(rom_sha256=[digest.upper()]), StateStore(None)).run(dev, OWNER, "again")
+    assert record.ok, record.failure
+
+
+def test_the_wipe_command_gets_the_device_and_its_failure_quarantines(tmp_path: Path) -> None:
+    dev, _ = device("h100-sxm5")
+    wipe = StandIn(tmp_path)
+    policy = HandoffSpec(
+        wipe=wipe.command("wipe", "--bdf", "{bdf}", "--device", "{device}", "--from", "{tenant}")
+    )
+    assert HandOff(policy, StateStore(None)).run(dev, OWNER, "client gone").ok
+    assert wipe.calls() == [("wipe", ["--bdf", "0000:3b:00.0", "--device", "gpu0", "--from", "alice"])]
+    wipe.fail("wipe", "HBM row 12 did not scrub")
+    with capture_logs() as logs:
+        record = HandOff(policy, StateStore(None)).run(dev, OWNER, "client gone")
+    assert results(record)["wipe"] == "failed"
+    assert "exit 1" in (record.failure or "") and "HBM row 12 did not scrub" in (record.failure or "")
+    command = next(e for e in logs if e["event"] == "operator command")
+    assert command["purpose"] == "device wipe" and command["ok"] is False and command["audit"]
+
+
+def test_isolation_that_does_not_hold_after_the_reset_quarantines() -> None:
+    base = profile("v100-sxm2")
+    behaviours = [b for b in base.behaviours if b.kind != "sticky-bits"]
+    dev, _ = device(
+        dataclasses.replace(base, behaviours=(*behaviours, Behaviour("read-only", 0, 0xA00148, 4)))
+    )
+    record = HandOff(HandoffSpec(), StateStore(None)).run(dev, OWNER, "daemon start")
+    assert results(record)["isolation"] == "failed"
+    assert "0xa00148 reads 0x0" in (record.failure or "")
+    assert dev.blocked is not None and dev.blocked.startswith("quarantined: isolation:")
+
+
+def test_a_device_that_comes_back_different_fails_the_config_check() -> None:
+    dev, sim = device("h100-sxm5")
+    changed = bytearray(sim.profile.image)
+    changed[2:4] = (0x2331).to_bytes(2, "little")  # another device ID after the reset
+    sim.profile = dataclasses.replace(sim.profile, image=bytes(changed))
+    record = HandOff(HandoffSpec(), StateStore(None)).run(dev, OWNER, "client gone")
+    assert results(record)["config"] == "failed"
+    assert "now reads as 10de:2331" in (record.failure or "")
+
+
+def test_the_fabric_is_released_even_when_an_earlier_step_failed() -> None:
+    dev, _ = device(dataclasses.replace(profile("h100-sxm5"), rom_contents="blank"))
+    released: list[str] = []
+
+    def release(name: str) -> str:
+        released.append(name)
+        return "partition 1 deactivated"
+
+    record = HandOff(HandoffSpec(), StateStore(None), release).run(dev, OWNER, "client gone")
+    assert released == ["gpu0"] and results(record)["fabric"] == "ok"
+    assert not record.ok
+
+
+def test_a_successful_hand_off_lifts_a_block() -> None:
+    dev, _ = device("h100-sxm5")
+    dev.block("a protection failed earlier")
+    assert HandOff(HandoffSpec(), StateStore(None)).run(dev, OWNER, "retry").ok
+    assert dev.blocked is None
+
+
+def test_a_function_reset_when_the_device_shares_its_bus() -> None:
+    dev, sim = device(dataclasses.replace(profile("h100-sxm5"), resets=frozenset({"function"})))
+    record = HandOff(HandoffSpec(), StateStore(None)).run(dev, OWNER, "client gone")
+    assert record.ok and sim.bus_resets == 0 and sim.resets == 1
+    assert record.steps[1].detail == "function reset (the profile has no bus reset)"
+
+
+def test_a_device_with_no_reset_is_quarantined_unless_its_config_opts_out() -> None:
+    dev, sim = device(dataclasses.replace(profile("h100-sxm5"), resets=frozenset()))
+    dev.config.write(0x3C, b"\x42")
+    record = HandOff(HandoffSpec(), StateStore(None)).run(dev, OWNER, "client gone")
+    assert results(record)["reset"] == "failed" and "no reset method" in (record.failure or "")
+    assert dev.blocked is not None
+    record = HandOff(HandoffSpec(), StateStore(None)).run(dev, OWNER, "client gone", reset="none")
+    assert record.ok and results(record)["reset"] == "skipped" and sim.resets == 0
+    assert dev.config.read(0x3C, 1) == b"\x0a"  # the virtual state is reset all the same
+
+
+def test_a_failed_bus_reset_falls_back_to_a_function_reset() -> None:
+    dev, sim = device("h100-sxm5")
+
+    def bus_reset() -> None:  # as the kernel answers when the device is not ready after the reset
+        raise BackendError("VFIO_DEVICE_PCI_HOT_RESET failed: ENOTTY")
+
+    sim.bus_reset = bus_reset  # type: ignore[method-assign]
+    record = HandOff(HandoffSpec(), StateStore(None)).run(dev, OWNER, "client gone")
+    assert record.ok and sim.resets == 1
+    assert (
+        record.steps[1].detail
+        == "function reset (the bus reset failed: VFIO_DEVICE_PCI_HOT_RESET failed: ENOTTY)"
+    )
