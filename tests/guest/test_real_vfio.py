@@ -32,12 +32,19 @@ def in_guest_script() -> str:
         f"cd {ROOT} && exec /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME={Path.home()} "
         f"TMPDIR=/tmp PYTHONDONTWRITEBYTECODE=1 {sys.executable} -m tests.guest.vfio_guest"
     )
+    # The guest's /tmp is its own tmpfs; a checkout under the host's /tmp is
+    # bound back into it so the daemon's code stays reachable.
+    keep = (
+        f"mkdir -p /host{ROOT} && mount -o bind /host-tmp/{ROOT.relative_to('/tmp')} /host{ROOT}; "
+        if ROOT.is_relative_to("/tmp")
+        else ""
+    )
     return (
         f"for m in {MODULES}; do insmod /modules/$m.ko || echo RESULT-FAIL insmod $m; done; "
         "mkdir -p /host && mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 hostroot /host; "
         "mount -t proc proc /host/proc; mount -t sysfs sys /host/sys; mount -t devtmpfs dev /host/dev; "
-        "mount -t tmpfs tmp /host/tmp; "
-        f"chroot /host /bin/sh -c '{run}'"
+        "mkdir -p /host-tmp && mount -o bind /host/tmp /host-tmp; mount -t tmpfs tmp /host/tmp; "
+        f"{keep}chroot /host /bin/sh -c '{run}'"
     )
 
 
