@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tomllib
 from collections.abc import Sequence
@@ -103,7 +104,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _command_line_settings(args: argparse.Namespace) -> Settings:
-    """The one device the command line names, as a config would (no state directory)."""
+    """The one device the command line names, as a config would.
+
+    Its state directory is ``--state-directory``, else systemd's
+    ``STATE_DIRECTORY`` (``StateDirectory=`` in the unit), else none.
+    """
     if args.device:
         name, profile = normalize_bdf(args.device), None
     else:
@@ -119,26 +124,40 @@ def _command_line_settings(args: argparse.Namespace) -> Settings:
         builtin_quirks=not args.no_builtin_quirks,
         reset=getattr(args, "reset", None),
     )
-    return Settings(source="the command line", devices=(spec,), state_directory=None)
+    state = getattr(args, "state_directory", None) or os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return Settings(
+        source="the command line", devices=(spec,), state_directory=Path(state) if state else None
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.config is not None:
         given = [
             flag
-            for flag, value in (("--socket", args.socket), ("--device", args.device), ("--reset", args.reset))
+            for flag, value in (
+                ("--socket", args.socket),
+                ("--device", args.device),
+                ("--reset", args.reset),
+                ("--state-directory", args.state_directory),
+            )
             if value
         ]
         if given:
             raise InputErrors([InputError("the command line", "", f"{given[0]} goes in the config file")])
         settings = load_settings(args.config)
-    elif args.socket is None:
-        raise InputErrors([InputError("the command line", "", "give --socket PATH, or --config FILE")])
+    elif args.socket is None and "LISTEN_FDS" not in os.environ:
+        raise InputErrors(
+            [
+                InputError(
+                    "the command line", "", "give --socket PATH or --config FILE (or run from a .socket unit)"
+                )
+            ]
+        )
     else:
         settings = _command_line_settings(args)
-    log.configure(args.log_level, args.log_format)
+    log.configure(args.log_level or settings.log.level, args.log_format or settings.log.format)
     try:
-        daemon = Daemon.open(settings)
+        daemon = Daemon.open(settings, args.config)
     except StateError as e:
         _print_errors([str(e)])
         return EXIT_INPUT
@@ -291,8 +310,19 @@ def parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="serve every device of a daemon config (tenancy, hand-off, fabric) instead of one device",
     )
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    serve.add_argument("--log-format", default="text", choices=log.FORMATS)
+    serve.add_argument(
+        "--state-directory",
+        type=Path,
+        metavar="DIR",
+        help="without --config: where quarantine and hand-off records live (default: $STATE_DIRECTORY)",
+    )
+    serve.add_argument("--log-level", choices=log.LEVELS, help="default: the config's, else info")
+    serve.add_argument(
+        "--log-format",
+        choices=log.FORMATS,
+        help="auto (the default): console on a terminal, JSON lines elsewhere (with journald's level "
+        "prefix under systemd); text: key=value lines",
+    )
     serve.set_defaults(run=cmd_serve)
 
     scrub = commands.add_parser(
@@ -352,7 +382,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    log.configure()  # stderr; serve sets its own level and format before it logs
+    log.configure("info", "text")  # stderr; serve sets its own level and format before it logs
     try:
         result: int = args.run(args)
     except InputErrors as e:

@@ -1,18 +1,33 @@
 """The daemon: every device of the config served on its socket, each with its own lifecycle.
 
 Start-up opens each device (a real function through VFIO, or a simulated
-profile), plans it with the quirk tables and its tenancy context, and hands
-it off once (reset, isolation, checks) before its socket exists, unless it
-is in quarantine. A device that cannot be opened or planned is reported and
-left out; the others are served. ``ManagedDevice`` is the per-device
-lifecycle the server calls around each client: it refuses quarantined
-devices (re-checking after an operator's release), activates the fabric
-partition, and hands the device off when the client goes.
+profile), plans it with its quirk tables and tenancy, recovers what a
+previous daemon left behind (a session it did not end, fabric partitions it
+left active), and hands each device off once (reset, isolation, checks)
+unless it is in quarantine. A device that cannot be opened is reported and
+left out; the others are served. Sockets come from systemd (socket
+activation, matched by name) or are made here with the config's owner and
+mode; READY, STATUS, RELOADING, STOPPING and the watchdog go to systemd.
+
+``ManagedDevice`` is the lifecycle the server calls around each client: it
+checks the peer's credentials, refuses quarantined devices (re-checking
+after an operator's release), activates the fabric partition, and hands the
+device off when the client goes. SIGHUP reloads the config and the quirk
+tables: a device whose plan or settings changed gets them for its *next*
+client, handed off again under the new policy (a live session never changes
+its view); adding or removing a device needs a restart. SIGHUP also
+re-syncs the fabric. SIGTERM and SIGINT stop it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import os
+import signal
+import socket
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -29,14 +44,17 @@ from mediator.fabric import Fabric, FabricError
 from mediator.handoff import HandOff, HandOffRecord, Owner
 from mediator.pci.chain import ChainError
 from mediator.quirks.table import QuirkTable
-from mediator.settings import DeviceSpec, Settings
-from mediator.state import StateStore
+from mediator.settings import Access, DeviceSpec, Settings, load_settings
+from mediator.state import StateError, StateStore
+from mediator.systemd import Notifier, listen_fds
 from mediator.tenancy import device_context
-from mediator.vfio_user.server import DeviceServer, serve_until_signalled
+from mediator.vfio_user.server import DeviceServer, Peer, bind_unix
 from mediator.virt.device import VirtualDevice
-from mediator.virt.plan import PlanError
+from mediator.virt.plan import DevicePlan, PlanError
 
 log = structlog.get_logger("mediator.daemon")
+
+OPEN_ERRORS = (InputErrors, PlanError, ChainError, DeviceNotReady, BackendError)
 
 
 def open_backend(spec: DeviceSpec) -> Backend:
@@ -46,13 +64,17 @@ def open_backend(spec: DeviceSpec) -> Backend:
     return SimBackend(load_profile(resolve_profile(spec.profile)))
 
 
+def quirk_table(spec: DeviceSpec) -> QuirkTable:
+    return QuirkTable.load([Path(q) for q in spec.quirks], builtin=spec.builtin_quirks)
+
+
 def open_device(settings: Settings, spec: DeviceSpec) -> tuple[VirtualDevice, QuirkTable]:
     """The planned device and its quirk table.
 
     Raises:
         InputErrors, PlanError, ChainError, DeviceNotReady, BackendError.
     """
-    table = QuirkTable.load([Path(q) for q in spec.quirks], builtin=spec.builtin_quirks)
+    table = quirk_table(spec)
     backend = open_backend(spec)
     try:
         return VirtualDevice.open(backend, table, device_context(settings, spec)), table
@@ -62,32 +84,40 @@ def open_device(settings: Settings, spec: DeviceSpec) -> tuple[VirtualDevice, Qu
 
 
 class ManagedDevice:
-    """One served device: quarantine, fabric partition and hand-off around each client."""
+    """One served device: credentials, quarantine, fabric partition and hand-off around each client."""
 
-    def __init__(
-        self,
-        spec: DeviceSpec,
-        device: VirtualDevice,
-        handoff: HandOff,
-        state: StateStore,
-        fabric: Fabric | None,
-    ) -> None:
+    def __init__(self, spec: DeviceSpec, device: VirtualDevice, daemon: Daemon) -> None:
         self.spec = spec
         self.device = device
-        self.owner = Owner(spec.name, spec.bdf, spec.tenant)
-        self._handoff = handoff
-        self._state = state
-        self._fabric = fabric
+        self._daemon = daemon
+        self._lock = threading.Lock()  # admit, release and reload take turns
         self._admitted = False
+        self._pending: tuple[DeviceSpec, DevicePlan] | None = None  # a reload waiting for the client to go
 
-    def start(self) -> HandOffRecord | None:
+    @property
+    def owner(self) -> Owner:
+        return Owner(self.spec.name, self.spec.bdf, self.spec.tenant)
+
+    def _hand_off(self, reason: str, owner: Owner | None = None) -> HandOffRecord:
+        record = self._daemon.handoff.run(self.device, owner or self.owner, reason, self.spec.reset)
+        if record.ok:
+            self._daemon.state.set_owner(self.spec.name, self.spec.tenant)
+        return record
+
+    def start(self, left_session: dict[str, object] | None) -> None:
         """Before the socket exists: a quarantined device stays blocked, any other is handed off."""
-        if self._quarantine_reason() is None:
-            return self._handoff.run(self.device, self.owner, "daemon start", self.spec.reset)
-        return None
+        if self._quarantine_reason() is not None:
+            return
+        previous = self._daemon.state.owners().get(self.spec.name, self.spec.tenant)
+        owner = Owner(self.spec.name, self.spec.bdf, previous)
+        if left_session is not None:
+            self._hand_off(f"recovery: the daemon stopped with a client attached ({left_session})", owner)
+            self._daemon.state.session_ended(self.spec.name)
+        else:
+            self._hand_off("daemon start", owner)
 
     def _quarantine_reason(self) -> str | None:
-        record = self._state.quarantined(self.spec.name)
+        record = self._daemon.state.quarantined(self.spec.name)
         if record is None:
             return None
         why = record.get("unreadable") or _failure_of(record)
@@ -99,30 +129,53 @@ class ManagedDevice:
             self.device.block(reason)
         return reason
 
-    def admit(self) -> str | None:
-        reason = self._quarantine_reason()
-        if reason is not None:
-            return reason
-        if self.device.blocked:  # released by an operator, or a protection failed: try again from the start
-            record = self._handoff.run(
-                self.device, self.owner, "before serving a blocked device", self.spec.reset
-            )
-            if not record.ok:
-                return self.device.blocked
-        if self._fabric is not None:
-            try:
-                self._fabric.acquire(self.spec.name)
-            except FabricError as e:
-                audit_log.error("fabric partition refused", why=str(e))
-                return str(e)
-        self._admitted = True
-        return None
+    def allows(self, peer: Peer) -> bool:
+        return self._daemon.settings.access_for(self.spec.name).admits(peer.uid, peer.gids)
+
+    def admit(self) -> tuple[VirtualDevice, str | None]:
+        with self._lock:
+            reason = self._quarantine_reason()
+            if reason is not None:
+                return self.device, reason
+            # Released by an operator, or a protection failed: start again.
+            if self.device.blocked and not self._hand_off("before serving a blocked device").ok:
+                return self.device, self.device.blocked
+            fabric = self._daemon.fabric
+            if fabric is not None:
+                try:
+                    fabric.acquire(self.spec.name)
+                except FabricError as e:
+                    audit_log.error("fabric partition refused", why=str(e))
+                    return self.device, str(e)
+            self._admitted = True
+            self._daemon.state.session_started(self.spec.name, {"tenant": self.spec.tenant})
+            return self.device, None
 
     def release(self) -> None:
-        if not self._admitted:
-            return
-        self._admitted = False
-        self._handoff.run(self.device, self.owner, "client gone", self.spec.reset)
+        with self._lock:
+            if not self._admitted:
+                return
+            self._admitted = False
+            self._hand_off("client gone")
+            self._daemon.state.session_ended(self.spec.name)
+            if self._pending is not None:
+                self._adopt(*self._pending)
+
+    def reconfigure(self, spec: DeviceSpec, plan: DevicePlan) -> str:
+        """Take a reloaded spec and plan, now when idle, else when the client goes."""
+        with self._lock:
+            if self._admitted:
+                self._pending = (spec, plan)
+                return "for the next client"
+            self._adopt(spec, plan)
+            return "now"
+
+    def _adopt(self, spec: DeviceSpec, plan: DevicePlan) -> None:
+        previous = self.owner
+        self._pending = None
+        self.spec = spec
+        self.device = VirtualDevice(self.device.backend, plan)
+        self._hand_off("config reloaded", previous)
 
 
 def _failure_of(record: dict[str, object]) -> str:
@@ -137,35 +190,175 @@ def _failure_of(record: dict[str, object]) -> str:
 class Daemon:
     settings: Settings
     state: StateStore
+    handoff: HandOff
     fabric: Fabric | None
-    managed: list[ManagedDevice]
-    failed: dict[str, str]  # device -> why it cannot be served at all
+    config: Path | None = None  # the file SIGHUP reloads; None: the command line's one device
+    managed: list[ManagedDevice] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # device -> why it cannot be served
+    notifier: Notifier = field(default_factory=Notifier)
+    extra_tasks: list[Callable[[], Awaitable[object]]] = field(default_factory=list)  # run while serving
 
     @classmethod
-    def open(cls, settings: Settings) -> Daemon:
-        """Open, plan and hand off every device; a device that fails is reported, not fatal."""
+    def open(cls, settings: Settings, config: Path | None = None) -> Daemon:
+        """Open, plan, recover and hand off every device; a device that fails is reported, not fatal.
+
+        Raises:
+            StateError: the state directory cannot be used.
+        """
         state = StateStore(settings.state_directory)
         state.prepare()
         fabric = (
-            Fabric(settings.fabric, {d.name: d.tenant for d in settings.devices}) if settings.fabric else None
+            Fabric(settings.fabric, _tenants(settings), lambda active: state.set_fabric_active(list(active)))
+            if settings.fabric
+            else None
         )
-        handoff = HandOff(settings.handoff, state, fabric.release if fabric else None)
-        managed, failed = [], {}
+        daemon = cls(
+            settings,
+            state,
+            HandOff(settings.handoff, state, fabric.release if fabric else None),
+            fabric,
+            config,
+        )
+        left = state.left_sessions()
         for spec in settings.devices:
             with structlog.contextvars.bound_contextvars(device=spec.name):
                 try:
                     device, _ = open_device(settings, spec)
-                except (InputErrors, PlanError, ChainError, DeviceNotReady, BackendError) as e:
-                    failed[spec.name] = str(e)
+                except OPEN_ERRORS as e:
+                    daemon.failed[spec.name] = str(e)
                     log.error("device not served", why=str(e))
                     continue
-                managed_device = ManagedDevice(spec, device, handoff, state, fabric)
-                managed_device.start()
-                managed.append(managed_device)
-        return cls(settings, state, fabric, managed, failed)
+                managed = ManagedDevice(spec, device, daemon)
+                managed.start(left.get(spec.name))
+                daemon.managed.append(managed)
+        if fabric is not None:
+            fabric.recover(state.fabric_active())
+        return daemon
 
-    def servers(self) -> list[tuple[DeviceServer, Path]]:
-        return [(DeviceServer(m.device, m.spec.name, m), Path(m.spec.socket)) for m in self.managed]
+    def status(self) -> str:
+        blocked = sum(1 for m in self.managed if m.device.blocked)
+        parts = [f"serving {len(self.managed)} device{'s' if len(self.managed) != 1 else ''}"]
+        if blocked:
+            parts.append(f"{blocked} refused (quarantine or protection)")
+        if self.failed:
+            parts.append(f"{len(self.failed)} not opened: {', '.join(sorted(self.failed))}")
+        return "; ".join(parts)
+
+    def _listeners(self) -> list[tuple[DeviceServer, socket.socket, Path | None]]:
+        """(server, listening socket, path we made and must remove) for every device.
+
+        Raises:
+            SocketInUseError, StateError.
+        """
+        inherited = listen_fds()
+        single = len(self.managed) == 1 and len(inherited) == 1 and self.config is None
+        made: list[tuple[DeviceServer, socket.socket, Path | None]] = []
+        try:
+            for managed in self.managed:
+                server = DeviceServer(managed.spec.name, managed)
+                given = next(iter(inherited.values())) if single else inherited.pop(managed.spec.name, None)
+                if given:
+                    made.append((server, given[0], None))
+                    continue
+                if not managed.spec.socket:
+                    raise StateError(f"{managed.spec.name}: no --socket and no socket passed by systemd")
+                path = Path(managed.spec.socket)
+                listener = bind_unix(path)
+                made.append((server, listener, path))
+                _give_access(path, self.settings.access_for(managed.spec.name))
+        except BaseException:
+            _close(made)
+            raise
+        for name in inherited:
+            log.warning("systemd passed a socket for no device of the config", name=name)
+        return made
+
+    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until SIGTERM or SIGINT; the socket files made here are removed on the way out.
+
+        The signal handlers are in place before the sockets exist, so a client or
+        a service manager that sees a socket can always stop the daemon cleanly.
+        """
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            listeners = self._listeners()
+            reload_lock = trio.Lock()
+            try:
+                async with trio.open_nursery() as nursery:
+                    for server, listener, _ in listeners:
+                        nursery.start_soon(server.serve, listener)
+                    nursery.start_soon(self.notifier.keep_watchdog_fed)
+                    for task in self.extra_tasks:
+                        nursery.start_soon(task)
+                    task_status.started()
+                    self.notifier.ready(self.status())
+                    async for signum in signals:
+                        if signum == signal.SIGHUP:
+                            nursery.start_soon(self._reload, reload_lock)
+                            continue
+                        log.info("stopping", signal=signal.Signals(signum).name)
+                        self.notifier.stopping()
+                        nursery.cancel_scope.cancel()
+                        break
+            finally:
+                _close(listeners)
+                log.info("stopped", devices=[m.spec.name for m in self.managed])
+
+    async def _reload(self, lock: trio.Lock) -> None:
+        async with lock:
+            self.notifier.reloading()
+            log.info("reloading", config=str(self.config) if self.config else "the command line")
+            if self.config is not None:
+                await trio.to_thread.run_sync(self.reload_config)
+            await self.resync_fabric()
+            self.notifier.ready(self.status())
+
+    def reload_config(self) -> None:
+        """Re-read the config and quirk tables; a bad config changes nothing."""
+        assert self.config is not None
+        try:
+            settings = load_settings(self.config)
+        except InputErrors as e:
+            log.error(
+                "reload refused: the config has errors, the running one stays",
+                errors=[str(x) for x in e.errors],
+            )
+            return
+        before, after = {d.name for d in self.settings.devices}, {d.name for d in settings.devices}
+        if before != after:
+            log.warning(
+                "devices added or removed: that takes a restart",
+                added=sorted(after - before),
+                removed=sorted(before - after),
+            )
+        if (settings.fabric is None) != (
+            self.fabric is None
+        ) or settings.state_directory != self.settings.state_directory:
+            log.warning("the fabric section or the state directory changed: that takes a restart")
+        elif self.fabric is not None and settings.fabric is not None:
+            self.fabric.reconfigure(settings.fabric, _tenants(settings))
+        self.handoff.policy = settings.handoff
+        self.settings = settings
+        for managed in self.managed:
+            if managed.spec.name not in after:
+                continue
+            with structlog.contextvars.bound_contextvars(device=managed.spec.name):
+                spec = settings.device(managed.spec.name)
+                try:
+                    plan = VirtualDevice.plan_for(
+                        managed.device.backend,
+                        quirk_table(spec),
+                        device_context(settings, spec),
+                        managed.device.plan.physical,
+                    )
+                except OPEN_ERRORS as e:
+                    log.error(
+                        "reload: the new policy cannot be planned; the device keeps its old one", why=str(e)
+                    )
+                    continue
+                if spec == managed.spec and plan == managed.device.plan:
+                    continue
+                when = managed.reconfigure(spec, plan)
+                log.info("new policy", takes_effect=when)
 
     async def resync_fabric(self) -> None:
         if self.fabric is None:
@@ -179,9 +372,35 @@ class Daemon:
         else:
             log.info("fabric resynced", result=done)
 
-    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await serve_until_signalled(self.servers(), self.resync_fabric, task_status=task_status)
-
     def close(self) -> None:
         for managed in self.managed:
             managed.device.backend.close()
+
+
+def _tenants(settings: Settings) -> dict[str, str | None]:
+    return {d.name: d.tenant for d in settings.devices}
+
+
+def _give_access(path: Path, access: Access) -> None:
+    """The socket's mode and owner from the config.
+
+    Raises:
+        StateError: the daemon may not give it to that user or group.
+    """
+    try:
+        os.chmod(path, access.mode)
+        if access.uid is not None or access.gid is not None:
+            os.chown(path, -1 if access.uid is None else access.uid, -1 if access.gid is None else access.gid)
+    except OSError as e:
+        raise StateError(
+            f"cannot set {path}'s owner or mode ({e.strerror}): run the daemon as root, or let a systemd "
+            ".socket unit make the socket (SocketUser=, SocketGroup=, SocketMode=)"
+        ) from None
+
+
+def _close(listeners: list[tuple[DeviceServer, socket.socket, Path | None]]) -> None:
+    for _, listener, path in listeners:
+        listener.close()
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)

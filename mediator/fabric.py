@@ -13,17 +13,22 @@ Fail closed: a device that is in some partition but cannot have its own (no
 tenant, no exact partition, the command failed, the fabric out of sync) is
 not served. Fabric Manager forgets activations when it restarts; ``resync``
 (on SIGHUP) gives it the active list again, and while a resync has failed
-no new session starts on a fabric device. Every command is audited
-(``mediator.commands``).
+no new session starts on a fabric device. The active list is kept on disk:
+a daemon that restarts deactivates what its predecessor left active, so no
+partition is stranded. Every command is audited (``mediator.commands``).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+
+import structlog
 
 from mediator.commands import run_command
 from mediator.settings import FabricSpec, expand
+
+log = structlog.get_logger("mediator.fabric")
 
 
 class FabricError(Exception):
@@ -31,15 +36,51 @@ class FabricError(Exception):
 
 
 class Fabric:
-    def __init__(self, spec: FabricSpec, tenants: Mapping[str, str | None]) -> None:
-        self.spec = spec
-        self._tenants = dict(tenants)
-        self._partitions = {p.id: frozenset(p.devices) for p in spec.partition}
-        self._on_fabric = frozenset().union(*self._partitions.values())
+    def __init__(
+        self,
+        spec: FabricSpec,
+        tenants: Mapping[str, str | None],
+        on_change: Callable[[frozenset[int]], None] | None = None,
+    ) -> None:
+        """``on_change`` is told the active partitions after every change (to keep them on disk)."""
+        self._lock = threading.Lock()
         self._active: set[int] = set()
         self._held: dict[str, int] = {}  # device with a client -> its partition
-        self._lock = threading.Lock()
+        self._on_change = on_change
         self.in_sync = True
+        self.reconfigure(spec, tenants)
+
+    def reconfigure(self, spec: FabricSpec, tenants: Mapping[str, str | None]) -> None:
+        """New commands, partitions and tenancy for the next activation; active partitions stay."""
+        with self._lock:
+            self.spec = spec
+            self._tenants = dict(tenants)
+            self._partitions = {p.id: frozenset(p.devices) for p in spec.partition}
+            self._on_fabric = frozenset().union(*self._partitions.values())
+
+    def recover(self, left_active: Iterable[int]) -> None:
+        """Deactivate what a previous daemon left active: no client holds those GPUs after a restart.
+
+        A partition that cannot be deactivated stays listed and the fabric is
+        out of sync (fabric devices are refused) until a resync succeeds.
+        """
+        for partition in sorted(left_active):
+            with self._lock:
+                self._active.add(partition)
+                try:
+                    self._call("deactivate", partition, "daemon start")
+                except FabricError as e:
+                    self.in_sync = False
+                    log.error(
+                        "a partition left active cannot be deactivated; send SIGHUP to retry", why=str(e)
+                    )
+                else:
+                    self._active.discard(partition)
+                self._changed()
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change(frozenset(self._active))
 
     @property
     def active(self) -> frozenset[int]:
@@ -77,6 +118,7 @@ class Fabric:
             if partition not in self._active:
                 self._call("activate", partition, device)
                 self._active.add(partition)
+                self._changed()
                 done = f"partition {partition} activated"
             else:
                 done = f"partition {partition} already active"
@@ -94,6 +136,7 @@ class Fabric:
             if partition in self._active:
                 self._call("deactivate", partition, device)
                 self._active.discard(partition)
+                self._changed()
             return f"partition {partition} deactivated"
 
     def resync(self) -> str:

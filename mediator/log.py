@@ -1,20 +1,28 @@
-"""Logging: structlog, key=value or JSON lines on stderr.
+"""Logging: structlog lines on stderr, for a person at a terminal or for journald.
 
+Formats: ``console`` (structlog's readable columns), ``text`` (key=value
+lines, easy to grep), ``json`` (one object per line). ``auto`` picks
+console on a terminal and json elsewhere. Under systemd, when stderr is the
+journal's stream (``JOURNAL_STREAM`` names its device and inode), json lines
+get a ``<N>`` syslog level prefix so journald files each at its priority.
 Every line carries what it is about in its context (device, client), bound
-with contextvars where a session starts. The journald and audit formats come
-with the systemd integration; this is the minimal set-up they will extend.
+with contextvars where a session starts; audit events carry ``audit=True``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from typing import TextIO
 
 import structlog
-from structlog.typing import EventDict
+from structlog.typing import EventDict, Processor
 
-FORMATS = ("text", "json")
+FORMATS = ("auto", "console", "text", "json")
+LEVELS = ("debug", "info", "warning", "error")
 LEADING = ("timestamp", "level", "event")
+SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2, "exception": 3}
 
 
 def _leading_keys_first(_logger: object, _name: str, event: EventDict) -> EventDict:
@@ -23,13 +31,41 @@ def _leading_keys_first(_logger: object, _name: str, event: EventDict) -> EventD
     return ordered
 
 
-def configure(level: str = "info", format: str = "text") -> None:
-    """``text``: key=value lines for people; ``json``: one object per line for machines."""
-    renderer = (
-        structlog.processors.JSONRenderer(sort_keys=False)
-        if format == "json"
-        else structlog.processors.KeyValueRenderer()
-    )
+def writes_to_journal(stream: TextIO) -> bool:
+    """Whether ``stream`` is the journal stream systemd connected (its dev:inode in JOURNAL_STREAM)."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        status = os.fstat(stream.fileno())
+    except (OSError, ValueError):
+        return False
+    return expected == f"{status.st_dev}:{status.st_ino}"
+
+
+class _PriorityPrefixed:
+    """A JSON renderer whose lines start with ``<N>``, journald's level prefix."""
+
+    def __init__(self) -> None:
+        self._json = structlog.processors.JSONRenderer(sort_keys=False)
+
+    def __call__(self, logger: object, name: str, event: EventDict) -> str:
+        priority = SYSLOG_PRIORITY.get(str(event.get("level", "info")), 6)
+        line = self._json(logger, name, event)
+        return f"<{priority}>{line.decode() if isinstance(line, bytes) else line}"
+
+
+def configure(level: str = "info", format: str = "auto", stream: TextIO | None = None) -> None:
+    out = stream or sys.stderr
+    if format == "auto":
+        format = "console" if out.isatty() else "json"
+    renderer: Processor
+    if format == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+    elif format == "text":
+        renderer = structlog.processors.KeyValueRenderer()
+    elif writes_to_journal(out):
+        renderer = _PriorityPrefixed()
+    else:
+        renderer = structlog.processors.JSONRenderer(sort_keys=False)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -40,6 +76,6 @@ def configure(level: str = "info", format: str = "text") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=True,
     )

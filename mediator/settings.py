@@ -3,7 +3,23 @@
 A TOML file, checked as a whole before anything starts; every error names
 the file and the key::
 
-    state_directory = "/var/lib/vfio-mediator"   # quarantine and hand-off records
+    state_directory = "/var/lib/vfio-mediator"   # quarantine, hand-off records, sessions, fabric
+
+    [access]                            # defaults for every device's socket and clients
+    socket_mode = 0o660                 # when the daemon makes the socket (not a .socket unit)
+    socket_owner = "vfio-mediator"
+    socket_group = "kvm"
+    allow_users = ["libvirt-qemu"]      # peers (SO_PEERCRED) allowed by uid ...
+    allow_groups = ["kvm"]              # ... or by primary or supplementary gid; none: any
+
+    [log]
+    level = "info"
+    format = "auto"                     # auto | console | text | json
+
+    [metrics]
+    socket = "/run/vfio-mediator/metrics.sock"   # Prometheus text over HTTP
+    textfile = "/var/lib/prometheus/node-exporter/vfio_mediator.prom"
+    interval = 15
 
     [[device]]
     name = "gpu0"                       # how logs, peers and the CLI refer to it
@@ -19,6 +35,8 @@ the file and the key::
       [device.links]                    # NVLink index -> peer: device name, BDF or serial
       0 = "gpu1"
       1 = "0000:3c:00.0"
+      [device.access]                   # this device's keys over [access]
+      allow_users = ["tenant-a-qemu"]
 
     [handoff]                           # what happens between tenants
     reset = "bus"                       # prefer a secondary bus reset ("bus") or an FLR ("function");
@@ -44,11 +62,13 @@ Commands are argv lists, never run through a shell; ``{device}``, ``{bdf}``,
 
 from __future__ import annotations
 
+import grp
+import pwd
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct
@@ -58,9 +78,54 @@ from mediator.errors import InputError, InputErrors
 from mediator.tomlinput import convert, read_toml
 
 Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)]
+Principal = str | Annotated[int, Meta(ge=0)]  # a user or group name, or its number
 Command = Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1)]
 ResetMode = Literal["bus", "function", "none"]
 DEFAULT_STATE_DIRECTORY = Path("/var/lib/vfio-mediator")
+
+
+class AccessSpec(Struct, forbid_unknown_fields=True, frozen=True):
+    """Who may connect; unset keys of a device's ``access`` take the top-level ``[access]`` value."""
+
+    socket_mode: Annotated[int, Meta(ge=0, le=0o777)] | msgspec.UnsetType = msgspec.UNSET
+    socket_owner: Principal | msgspec.UnsetType = msgspec.UNSET
+    socket_group: Principal | msgspec.UnsetType = msgspec.UNSET
+    allow_users: list[Principal] | msgspec.UnsetType = msgspec.UNSET
+    allow_groups: list[Principal] | msgspec.UnsetType = msgspec.UNSET
+
+
+@dataclass(frozen=True)
+class Access:
+    """A device socket's permissions and the peers (SO_PEERCRED) allowed to use it.
+
+    Empty ``allowed_uids`` and ``allowed_gids``: whoever the socket's file
+    permissions let in. Otherwise a peer must have an allowed uid, or an
+    allowed gid as its primary or a supplementary group.
+    """
+
+    mode: int = 0o660
+    uid: int | None = None  # None: the daemon's own
+    gid: int | None = None
+    allowed_uids: frozenset[int] = frozenset()
+    allowed_gids: frozenset[int] = frozenset()
+
+    def admits(self, uid: int, gids: frozenset[int]) -> bool:
+        if not self.allowed_uids and not self.allowed_gids:
+            return True
+        return uid in self.allowed_uids or bool(gids & self.allowed_gids)
+
+
+class LogSpec(Struct, forbid_unknown_fields=True, frozen=True):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    # auto: JSON lines with a syslog level prefix for journald when stderr is
+    # not a terminal, a readable console format when it is.
+    format: Literal["auto", "console", "json"] = "auto"
+
+
+class MetricsSpec(Struct, forbid_unknown_fields=True, frozen=True):
+    socket: str | None = None  # Prometheus text over HTTP on this UNIX socket
+    textfile: str | None = None  # or written here for node_exporter's textfile collector
+    interval: Annotated[float, Meta(gt=0)] = 15.0  # seconds between textfile writes
 
 
 class DeviceSpec(Struct, forbid_unknown_fields=True, frozen=True):
@@ -76,6 +141,7 @@ class DeviceSpec(Struct, forbid_unknown_fields=True, frozen=True):
     builtin_quirks: bool = True
     reset: ResetMode | None = None  # None: the [handoff] policy's
     links: dict[str, str] = msgspec.field(default_factory=dict)
+    access: AccessSpec = msgspec.field(default_factory=AccessSpec)
 
 
 class HandoffSpec(Struct, forbid_unknown_fields=True, frozen=True):
@@ -103,6 +169,9 @@ class SettingsSpec(Struct, forbid_unknown_fields=True, frozen=True):
     state_directory: str = str(DEFAULT_STATE_DIRECTORY)
     handoff: HandoffSpec = msgspec.field(default_factory=HandoffSpec)
     fabric: FabricSpec | None = None
+    access: AccessSpec = msgspec.field(default_factory=AccessSpec)
+    log: LogSpec = msgspec.field(default_factory=LogSpec)
+    metrics: MetricsSpec = msgspec.field(default_factory=MetricsSpec)
 
 
 @dataclass(frozen=True)
@@ -114,6 +183,12 @@ class Settings:
     state_directory: Path | None  # None: quarantine lives in memory only, records go to the log
     handoff: HandoffSpec = field(default_factory=HandoffSpec)
     fabric: FabricSpec | None = None
+    access: dict[str, Access] = field(default_factory=dict)  # by device name; absent: Access()
+    log: LogSpec = field(default_factory=LogSpec)
+    metrics: MetricsSpec = field(default_factory=MetricsSpec)
+
+    def access_for(self, name: str) -> Access:
+        return self.access.get(name, Access())
 
     def device(self, name: str) -> DeviceSpec:
         for device in self.devices:
@@ -220,6 +295,14 @@ def load_settings(path: Path) -> Settings:
     except InputError as e:
         raise InputErrors([e]) from None
     errors = _check(spec, source)
+    access: dict[str, Access] = {}
+    for i, device in enumerate(spec.device):
+        try:
+            access[device.name] = _access(
+                spec.access, device.access, source, f"device[{i}] ({device.name}).access"
+            )
+        except InputErrors as e:
+            errors.extend(e.errors)
     if errors:
         raise InputErrors(errors)
     base = path.absolute().parent
@@ -229,7 +312,66 @@ def load_settings(path: Path) -> Settings:
         state_directory=base / spec.state_directory,
         handoff=spec.handoff,
         fabric=spec.fabric,
+        access=access,
+        log=spec.log,
+        metrics=msgspec.structs.replace(
+            spec.metrics,
+            socket=str(base / spec.metrics.socket) if spec.metrics.socket else None,
+            textfile=str(base / spec.metrics.textfile) if spec.metrics.textfile else None,
+        ),
     )
+
+
+def _access(defaults: AccessSpec, own: AccessSpec, source: str, where: str) -> Access:
+    """A device's access: its own keys over the top-level ones, names resolved to ids."""
+    errors: list[InputError] = []
+
+    def pick(key: str) -> Any:
+        value = getattr(own, key)
+        return getattr(defaults, key) if value is msgspec.UNSET else value
+
+    def resolve(key: str, value: str | int, lookup: Callable[[str], int], kind: str) -> int | None:
+        if isinstance(value, int):
+            return value
+        try:
+            return lookup(value)
+        except KeyError:
+            origin = where if getattr(own, key) is not msgspec.UNSET else "access"
+            errors.append(InputError(source, f"{origin}.{key}", f"no {kind} named {value!r} on this host"))
+            return None
+
+    def user(name: str) -> int:
+        return pwd.getpwnam(name).pw_uid
+
+    def group(name: str) -> int:
+        return grp.getgrnam(name).gr_gid
+
+    mode, owner, socket_group = pick("socket_mode"), pick("socket_owner"), pick("socket_group")
+    users, groups = pick("allow_users"), pick("allow_groups")
+    result = Access(
+        mode=0o660 if mode is msgspec.UNSET else mode,
+        uid=None if owner is msgspec.UNSET else resolve("socket_owner", owner, user, "user"),
+        gid=None if socket_group is msgspec.UNSET else resolve("socket_group", socket_group, group, "group"),
+        allowed_uids=frozenset(
+            u
+            for u in (
+                [] if users is msgspec.UNSET else [resolve("allow_users", v, user, "user") for v in users]
+            )
+            if u is not None
+        ),
+        allowed_gids=frozenset(
+            g
+            for g in (
+                []
+                if groups is msgspec.UNSET
+                else [resolve("allow_groups", v, group, "group") for v in groups]
+            )
+            if g is not None
+        ),
+    )
+    if errors:
+        raise InputErrors(errors)
+    return result
 
 
 def _resolved(device: DeviceSpec, base: Path) -> DeviceSpec:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -79,13 +81,42 @@ class DaemonProcess:
     as lines; with ``--log-format json`` they can be read as events.
     """
 
-    def __init__(self, *args: str, devices: int = 1, timeout: float = 60) -> None:
+    def __init__(
+        self,
+        *args: str,
+        devices: int = 1,
+        timeout: float = 60,
+        env: dict[str, str] | None = None,
+        sockets: Sequence[tuple[str, socket.socket]] = (),
+        journal: bool = False,
+    ) -> None:
+        """``sockets``: (name, listening socket) passed the way systemd's socket activation does;
+        ``journal``: stderr is announced as the journal's stream (JOURNAL_STREAM), as under systemd.
+        """
+        command = [sys.executable, "-m", "mediator", "serve", *args]
+        if sockets:
+            fds = ",".join(str(s.fileno()) for _, s in sockets)
+            names = ":".join(name for name, _ in sockets)
+            command = [
+                sys.executable,
+                str(Path(__file__).parent / "commands" / "activate.py"),
+                fds,
+                names,
+                *command,
+            ]
+        read_end, write_end = os.pipe()
+        if journal:
+            status = os.fstat(write_end)
+            env = {**(env or os.environ), "JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}"}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mediator", "serve", *args],
+            command,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
+            stderr=write_end,
+            env=env,
+            pass_fds=[s.fileno() for _, s in sockets],
         )
+        os.close(write_end)
+        self._stream = os.fdopen(read_end, encoding="utf-8", errors="replace")
         self.lines: list[str] = []
         self._changed = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -98,8 +129,7 @@ class DaemonProcess:
             raise RuntimeError("serve did not start:\n" + self.log) from None
 
     def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
+        for line in self._stream:
             with self._changed:
                 self.lines.append(line)
                 self._changed.notify_all()
@@ -112,7 +142,11 @@ class DaemonProcess:
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
         """The JSON log's events (``name``: only those)."""
-        parsed = [json.loads(line) for line in list(self.lines) if line.startswith("{")]
+        parsed = [
+            json.loads(line[line.index("{") :])
+            for line in list(self.lines)
+            if line.lstrip("<0123456789>").startswith("{")
+        ]
         return [e for e in parsed if name is None or e.get("event") == name]
 
     def wait_for(self, ready: Callable[[], bool], timeout: float = 30) -> None:

@@ -1,24 +1,27 @@
-"""Serving devices on UNIX sockets, under trio.
+"""Serving a device on a UNIX socket, under trio.
 
-Each listening socket accepts one client at a time; a second one is refused
-(closed at once) and logged, the first keeps its session. Each session runs
-the blocking message pump (``transport``) in a worker thread, between the
-device's ``Lifecycle`` hooks: ``admit`` says whether this client may be
-served at all (quarantine, fabric partition), ``release`` hands the device
-off once the client has gone (``mediator.handoff``), before the next client
-is taken. Cancelling ``serve`` (SIGTERM, SIGINT) shuts the client's socket so
-its pump ends, waits for that clean-up, and removes the socket file.
+Each listening socket serves one client at a time. A client whose
+credentials (SO_PEERCRED, SO_PEERGROUPS) the device's ``Lifecycle`` does not
+allow is closed at once and logged; so is a second client while the first
+keeps its session. A client that comes while the last one's device is
+being handed off waits for the hand-off. Each session runs the blocking message pump
+(``transport``) in a worker thread, between the lifecycle's hooks: ``admit``
+gives the device this client gets (a reload swaps it between clients, never
+under one) and whether it may be served at all (quarantine, fabric
+partition); ``release`` hands the device off once the client has gone
+(``mediator.handoff``), before the next client is taken. Cancelling
+``serve`` shuts the client's socket so its pump ends and waits for that
+clean-up.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import os
-import signal
 import socket
 import stat
-from collections.abc import Awaitable, Callable, Sequence
+import struct
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -63,10 +66,14 @@ def bind_unix(path: Path) -> socket.socket:
 
 
 class Lifecycle(Protocol):
-    """What happens to a device around each client; both run in the session's worker thread."""
+    """What happens to a device around each client; ``admit`` and ``release`` run in the session's thread."""
 
-    def admit(self) -> str | None:
-        """Why this client must be refused (every request gets EPERM), or None to serve it."""
+    def allows(self, peer: Peer) -> bool:
+        """Whether this peer (SO_PEERCRED) may use the device at all."""
+        ...
+
+    def admit(self) -> tuple[VirtualDevice, str | None]:
+        """The device this client gets, and why it must be refused (every request gets EPERM) or None."""
         ...
 
     def release(self) -> None:
@@ -74,18 +81,42 @@ class Lifecycle(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gids: frozenset[int]  # primary and supplementary
+
+
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13; not in every Python build
+CREDENTIALS = struct.Struct("3i")
+
+
+def peer_of(client: socket.socket) -> Peer:
+    pid, uid, gid = CREDENTIALS.unpack(
+        client.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, CREDENTIALS.size)
+    )
+    try:
+        raw = client.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 1024)
+    except OSError:
+        raw = b""
+    groups = struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
+    return Peer(pid, uid, frozenset((gid, *groups)))
+
+
 class DeviceServer:
-    def __init__(
-        self, device: VirtualDevice, name: str, lifecycle: Lifecycle, limits: Limits | None = None
-    ) -> None:
-        self.device = device
+    def __init__(self, name: str, lifecycle: Lifecycle, limits: Limits | None = None) -> None:
         self.name = name
         self.lifecycle = lifecycle
-        self.limits = limits or Limits(max_dma_maps=device.dma.max_mappings)
+        self.limits = limits or Limits()
         self.sessions = 0
         self.refused = 0
         self.service: DeviceService | None = None  # the live session's, for counters
-        self._busy = False
+        # One client at a time; the next one may wait while the last one's
+        # device is handed off, a third is refused.
+        self._turn = trio.Lock()
+        self._live = False
+        self._waiting = False
         self._counter = itertools.count(1)
 
     async def serve(self, listener: socket.socket) -> None:
@@ -99,44 +130,60 @@ class DeviceServer:
                 except BlockingIOError:
                     continue
                 number = next(self._counter)
-                if self._busy:
+                peer = peer_of(client)
+                if not self.lifecycle.allows(peer):
+                    self.refused += 1
+                    log.warning(
+                        "refused a client: its user and groups may not use this device",
+                        device=self.name,
+                        client=number,
+                        pid=peer.pid,
+                        uid=peer.uid,
+                        gids=sorted(peer.gids),
+                        audit=True,
+                    )
+                    client.close()
+                    continue
+                if self._live or self._waiting:
                     self.refused += 1
                     log.warning(
                         "refused a second client: the device has one", device=self.name, client=number
                     )
                     client.close()
                     continue
-                self._busy = True
-                nursery.start_soon(self._session, client, number)
+                self._waiting = self._turn.locked()
+                nursery.start_soon(self._session, client, number, peer)
 
-    async def _session(self, client: socket.socket, number: int) -> None:
-        self.sessions += 1
+    async def _session(self, client: socket.socket, number: int, peer: Peer) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_shut_on_cancel, client)
-                await trio.to_thread.run_sync(self._run, client, number)
+                async with self._turn:
+                    self._waiting, self._live = False, True
+                    self.sessions += 1
+                    await trio.to_thread.run_sync(self._run, client, number, peer)
                 nursery.cancel_scope.cancel()
         finally:
             client.close()
-            self._busy = False
 
-    def _run(self, client: socket.socket, number: int) -> None:
+    def _run(self, client: socket.socket, number: int, peer: Peer) -> None:
         with structlog.contextvars.bound_contextvars(device=self.name, client=number):
             client.setblocking(True)
-            refusal = self.lifecycle.admit()
+            device, refusal = self.lifecycle.admit()
             if refusal:
-                log.warning("client connected; it will be refused", why=refusal)
+                log.warning("client connected; it will be refused", pid=peer.pid, uid=peer.uid, why=refusal)
             else:
-                log.info("client connected")
-            connection = Connection(self.limits)
-            service = self.service = DeviceService(self.device, connection, refusal)
+                log.info("client connected", pid=peer.pid, uid=peer.uid)
+            connection = Connection(replace(self.limits, max_dma_maps=device.dma.max_mappings))
+            service = self.service = DeviceService(device, connection, refusal)
             why = pump(MessageSocket(client, self.limits.max_msg_fds), connection, service)
+            self._live = False  # the next client may now connect and wait for the hand-off
             log.info("client gone", why=why, requests=service.handled)
             try:
                 self.lifecycle.release()
             except Exception:  # the daemon and its other devices keep going
                 log.exception("releasing the device after the client failed")
-                self.device.block("releasing the device after its last client failed; see the log")
+                device.block("releasing the device after its last client failed; see the log")
 
 
 async def _shut_on_cancel(client: socket.socket) -> None:
@@ -145,44 +192,3 @@ async def _shut_on_cancel(client: socket.socket) -> None:
     finally:
         with contextlib.suppress(OSError):
             client.shutdown(socket.SHUT_RDWR)
-
-
-async def serve_until_signalled(
-    servers: Sequence[tuple[DeviceServer, Path]],
-    on_hangup: Callable[[], Awaitable[None]] | None = None,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve each device on its socket until SIGTERM or SIGINT; the socket files are removed on the way out.
-
-    The signal handlers are in place before the sockets exist, so a client or
-    a service manager that sees a socket can always stop the daemon cleanly.
-    SIGHUP runs ``on_hangup`` (the fabric resync) and serving goes on.
-
-    Raises:
-        SocketInUseError: a socket path is taken; nothing is served then.
-    """
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        listeners: list[tuple[socket.socket, Path]] = []
-        try:
-            for _, path in servers:
-                listeners.append((bind_unix(path), path))
-            async with trio.open_nursery() as nursery:
-                for (server, _), (listener, _) in zip(servers, listeners, strict=True):
-                    nursery.start_soon(server.serve, listener)
-                task_status.started()
-                async for signum in signals:
-                    if signum == signal.SIGHUP:
-                        log.info("reloading", signal="SIGHUP")
-                        if on_hangup is not None:
-                            nursery.start_soon(on_hangup)
-                        continue
-                    log.info("stopping", signal=signal.Signals(signum).name)
-                    nursery.cancel_scope.cancel()
-                    break
-        finally:
-            for listener, path in listeners:
-                listener.close()
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-            if len(listeners) == len(servers):
-                log.info("stopped", devices=[server.name for server, _ in servers])

@@ -92,9 +92,20 @@ class VirtualDevice:
         Raises:
             PlanError: the policy cannot be carried out on this device.
         """
-        image = backend.read_config(0, backend.config_size)
+        return cls(backend, cls.plan_for(backend, table, context))
+
+    @staticmethod
+    def plan_for(
+        backend: Backend, table: QuirkTable, context: DeviceContext | None = None, image: bytes | None = None
+    ) -> DevicePlan:
+        """The plan for the device the backend presents.
+
+        A reload plans again for the next client from the first plan's
+        ``image``: the live config space may hold what the current guest wrote.
+        """
+        image = image if image is not None else backend.read_config(0, backend.config_size)
         regions = [backend.region_info(index) for index in (*BAR_REGIONS, ROM_REGION)]
-        return cls(backend, build_plan(image, table.for_device(Identity.of(image)), regions, context))
+        return build_plan(image, table.for_device(Identity.of(image)), regions, context)
 
     def region_size(self, index: int) -> int:
         """The size the guest sees."""

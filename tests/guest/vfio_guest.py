@@ -93,6 +93,7 @@ def daemon(
             bdf,
             "--socket",
             str(sock),
+            *["--log-format", "text"],  # key=value lines, which the checks below grep
             *(["--reset", reset] if reset else []),
         ],
         stdout=subprocess.DEVNULL,

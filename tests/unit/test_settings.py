@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import grp
 from pathlib import Path
 
 import pytest
 
 from mediator.errors import InputErrors
-from mediator.settings import load_settings
+from mediator.settings import Access, load_settings
 from mediator.tenancy import allowed_links, device_context
 
 CONFIG = """
@@ -132,3 +133,53 @@ def test_a_bad_config_is_an_error_naming_file_and_key(
     assert any(
         e.source == str(path) and where in e.where and message in e.message for e in raised.value.errors
     ), [str(e) for e in raised.value.errors]
+
+
+def test_access_merges_device_keys_over_the_defaults_and_resolves_names(tmp_path: Path) -> None:
+    root_group = grp.getgrgid(0).gr_name
+    path = write(
+        tmp_path,
+        f"""
+[access]
+socket_mode = 0o640
+allow_users = ["root", 1234]
+[[device]]
+name = "a"
+profile = "h100-sxm5"
+socket = "a.sock"
+[[device]]
+name = "b"
+profile = "h100-sxm5"
+socket = "b.sock"
+  [device.access]
+  allow_users = []
+  allow_groups = ["{root_group}"]
+[log]
+format = "json"
+[metrics]
+socket = "metrics.sock"
+""",
+    )
+    settings = load_settings(path)
+    a, b = settings.access_for("a"), settings.access_for("b")
+    assert (a.mode, a.allowed_uids, a.allowed_gids) == (0o640, {0, 1234}, set())
+    assert (b.mode, b.allowed_uids, b.allowed_gids) == (0o640, set(), {0})
+    assert a.admits(1234, frozenset({99})) and not a.admits(99, frozenset({0}))
+    assert b.admits(99, frozenset({5, 0})) and not b.admits(0, frozenset({5}))
+    assert Access().admits(4321, frozenset())  # no lists: the socket's permissions decide
+    assert settings.log.format == "json"
+    assert settings.metrics.socket == str(tmp_path / "metrics.sock")
+
+
+def test_an_unknown_user_is_an_error_naming_the_key(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[[device]]\nname = "a"\nprofile = "p"\nsocket = "s"\n[device.access]\nallow_users = ["no-such-user-x"]\n',
+    )
+    with pytest.raises(InputErrors) as raised:
+        load_settings(path)
+    [error] = raised.value.errors
+    assert (
+        error.where == "device[0] (a).access.allow_users"
+        and "no user named 'no-such-user-x'" in error.message
+    )
