@@ -45,27 +45,41 @@ class RateLimiter:
 
 
 class Auditor:
-    """Writes audit events for one device."""
+    """Writes audit events for one device: watched guest accesses and refused requests.
 
-    def __init__(self, limiter: RateLimiter | None = None) -> None:
+    Each kind has its own bucket, so a flood of one cannot hide the other.
+    """
+
+    def __init__(self, limiter: RateLimiter | None = None, refusals: RateLimiter | None = None) -> None:
         self.limiter = limiter or RateLimiter()
+        self.refusal_limiter = refusals or RateLimiter()
         self.events = 0  # every event, logged or not
 
     def access(
         self, event: str, *, bar: int, offset: int, size: int, direction: str, value: bytes, action: str
     ) -> None:
+        self._emit(
+            self.limiter,
+            event,
+            bar=bar,
+            offset=f"{offset:#x}",
+            size=size,
+            direction=direction,
+            value="0x" + value[::-1].hex(),
+            action=action,
+        )
+
+    def refused(self, *, msg_id: int, command: str, errno: str, why: str) -> None:
+        """A request the daemon answered with an error: what a hostile client tried."""
+        self._emit(
+            self.refusal_limiter, "request refused", msg_id=msg_id, command=command, errno=errno, why=why
+        )
+
+    def _emit(self, limiter: RateLimiter, event: str, **fields: object) -> None:
         self.events += 1
-        dropped = self.limiter.allow()
+        dropped = limiter.allow()
         if dropped is None:
             return
-        fields: dict[str, object] = {
-            "bar": bar,
-            "offset": f"{offset:#x}",
-            "size": size,
-            "direction": direction,
-            "value": "0x" + value[::-1].hex(),
-            "action": action,
-        }
         if dropped:
             fields["suppressed"] = dropped
         audit_log.info(event, **fields)

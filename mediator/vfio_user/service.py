@@ -119,11 +119,10 @@ class DeviceService:
         return self.connection.reply(request, payload), fds
 
     def _refuse(self, request: Request, errno_value: int, why: str) -> Reply:
-        log.info(
-            "request refused",
+        self.device.auditor.refused(
             msg_id=request.msg_id,
             command=_command_name(request.command),
-            errno=errno.errorcode.get(errno_value, errno_value),
+            errno=errno.errorcode.get(errno_value, str(errno_value)),
             why=why,
         )
         return self.connection.error(request, errno_value), []

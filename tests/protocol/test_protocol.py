@@ -8,6 +8,7 @@ import os
 import struct
 
 import pytest
+from structlog.testing import capture_logs
 
 from mediator.backends.base import (
     IRQ_INTX,
@@ -329,3 +330,14 @@ def test_an_untrustworthy_stream_is_dropped(flags: int, size: int) -> None:
         assert s.why is not None and s.why.startswith("protocol error")
     finally:
         s.close()
+
+
+def test_a_flood_of_refused_requests_cannot_flood_the_log() -> None:
+    with Session() as session, capture_logs() as logs:
+        assert session.version().ok
+        for _ in range(1000):
+            assert session.region_read(9, 0, 4).error == errno.EINVAL  # no region 9
+    refusals = [e for e in logs if e["event"] == "request refused"]
+    assert 0 < len(refusals) <= 250  # a burst of 200 and 50 a second
+    assert refusals[0]["audit"] is True and refusals[0]["command"] == "REGION_READ"
+    assert session.device.auditor.events == 1000
