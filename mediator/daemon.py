@@ -26,7 +26,6 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from mediator.backends.vfio import VfioBackend
 from mediator.errors import InputErrors
 from mediator.fabric import Fabric, FabricError
 from mediator.handoff import HandOff, HandOffRecord, Owner
+from mediator.metrics import Metrics, serve_metrics, write_textfile_periodically
 from mediator.pci.chain import ChainError
 from mediator.quirks.table import QuirkTable
 from mediator.settings import Access, DeviceSpec, Settings, load_settings
@@ -55,6 +55,8 @@ from mediator.virt.plan import DevicePlan, PlanError
 log = structlog.get_logger("mediator.daemon")
 
 OPEN_ERRORS = (InputErrors, PlanError, ChainError, DeviceNotReady, BackendError)
+# (device server, or None for the metrics socket; listening socket; path we made and must remove)
+Listener = tuple[DeviceServer | None, socket.socket, Path | None]
 
 
 def open_backend(spec: DeviceSpec) -> Backend:
@@ -88,7 +90,9 @@ class ManagedDevice:
 
     def __init__(self, spec: DeviceSpec, device: VirtualDevice, daemon: Daemon) -> None:
         self.spec = spec
+        self.metrics = daemon.metrics.device(spec.name)
         self.device = device
+        device.metrics = self.metrics
         self._daemon = daemon
         self._lock = threading.Lock()  # admit, release and reload take turns
         self._admitted = False
@@ -102,7 +106,14 @@ class ManagedDevice:
         record = self._daemon.handoff.run(self.device, owner or self.owner, reason, self.spec.reset)
         if record.ok:
             self._daemon.state.set_owner(self.spec.name, self.spec.tenant)
+        self._publish_state()
         return record
+
+    def _publish_state(self) -> None:
+        quarantined = self._daemon.state.quarantined(self.spec.name) is not None
+        self.metrics.set_state(
+            "quarantined" if quarantined else "blocked" if self.device.blocked else "serving"
+        )
 
     def start(self, left_session: dict[str, object] | None) -> None:
         """Before the socket exists: a quarantined device stays blocked, any other is handed off."""
@@ -127,6 +138,7 @@ class ManagedDevice:
         )
         if self.device.blocked != reason:
             self.device.block(reason)
+            self._publish_state()
         return reason
 
     def allows(self, peer: Peer) -> bool:
@@ -174,7 +186,7 @@ class ManagedDevice:
         previous = self.owner
         self._pending = None
         self.spec = spec
-        self.device = VirtualDevice(self.device.backend, plan)
+        self.device = VirtualDevice(self.device.backend, plan, metrics=self.metrics)
         self._hand_off("config reloaded", previous)
 
 
@@ -196,7 +208,7 @@ class Daemon:
     managed: list[ManagedDevice] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # device -> why it cannot be served
     notifier: Notifier = field(default_factory=Notifier)
-    extra_tasks: list[Callable[[], Awaitable[object]]] = field(default_factory=list)  # run while serving
+    metrics: Metrics = field(default_factory=Metrics)
 
     @classmethod
     def open(cls, settings: Settings, config: Path | None = None) -> Daemon:
@@ -207,18 +219,19 @@ class Daemon:
         """
         state = StateStore(settings.state_directory)
         state.prepare()
+        metrics = Metrics()
         fabric = (
-            Fabric(settings.fabric, _tenants(settings), lambda active: state.set_fabric_active(list(active)))
+            Fabric(
+                settings.fabric,
+                _tenants(settings),
+                on_change=lambda active: state.set_fabric_active(list(active)),
+                on_command=metrics.fabric_command,
+            )
             if settings.fabric
             else None
         )
-        daemon = cls(
-            settings,
-            state,
-            HandOff(settings.handoff, state, fabric.release if fabric else None),
-            fabric,
-            config,
-        )
+        handoff = HandOff(settings.handoff, state, fabric.release if fabric else None)
+        daemon = cls(settings, state, handoff, fabric, config, metrics=metrics)
         left = state.left_sessions()
         for spec in settings.devices:
             with structlog.contextvars.bound_contextvars(device=spec.name):
@@ -244,7 +257,7 @@ class Daemon:
             parts.append(f"{len(self.failed)} not opened: {', '.join(sorted(self.failed))}")
         return "; ".join(parts)
 
-    def _listeners(self) -> list[tuple[DeviceServer, socket.socket, Path | None]]:
+    def _listeners(self) -> list[Listener]:
         """(server, listening socket, path we made and must remove) for every device.
 
         Raises:
@@ -252,10 +265,10 @@ class Daemon:
         """
         inherited = listen_fds()
         single = len(self.managed) == 1 and len(inherited) == 1 and self.config is None
-        made: list[tuple[DeviceServer, socket.socket, Path | None]] = []
+        made: list[Listener] = []
         try:
             for managed in self.managed:
-                server = DeviceServer(managed.spec.name, managed)
+                server = DeviceServer(managed.spec.name, managed, managed.metrics)
                 given = next(iter(inherited.values())) if single else inherited.pop(managed.spec.name, None)
                 if given:
                     made.append((server, given[0], None))
@@ -273,6 +286,19 @@ class Daemon:
             log.warning("systemd passed a socket for no device of the config", name=name)
         return made
 
+    def _metrics_listener(self, listeners: list[Listener]) -> socket.socket | None:
+        """The metrics socket, when the config asks for one; added to ``listeners`` for the clean-up."""
+        if not self.settings.metrics.socket:
+            return None
+        path = Path(self.settings.metrics.socket)
+        try:
+            listener = bind_unix(path)
+        except BaseException:
+            _close(listeners)
+            raise
+        listeners.append((None, listener, path))
+        return listener
+
     async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until SIGTERM or SIGINT; the socket files made here are removed on the way out.
 
@@ -281,14 +307,22 @@ class Daemon:
         """
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             listeners = self._listeners()
+            metrics_listener = self._metrics_listener(listeners)
             reload_lock = trio.Lock()
             try:
                 async with trio.open_nursery() as nursery:
                     for server, listener, _ in listeners:
-                        nursery.start_soon(server.serve, listener)
+                        if server is not None:
+                            nursery.start_soon(server.serve, listener)
                     nursery.start_soon(self.notifier.keep_watchdog_fed)
-                    for task in self.extra_tasks:
-                        nursery.start_soon(task)
+                    if metrics_listener is not None:
+                        nursery.start_soon(serve_metrics, metrics_listener, self.metrics.render)
+                    if self.settings.metrics.textfile:
+                        textfile = Path(self.settings.metrics.textfile)
+                        interval = self.settings.metrics.interval
+                        nursery.start_soon(
+                            write_textfile_periodically, textfile, self.metrics.render, interval
+                        )
                     task_status.started()
                     self.notifier.ready(self.status())
                     async for signum in signals:
@@ -398,7 +432,7 @@ def _give_access(path: Path, access: Access) -> None:
         ) from None
 
 
-def _close(listeners: list[tuple[DeviceServer, socket.socket, Path | None]]) -> None:
+def _close(listeners: list[Listener]) -> None:
     for _, listener, path in listeners:
         listener.close()
         if path is not None:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 import structlog
 
 from mediator.commands import run_command
+from mediator.metrics import FabricAction
 from mediator.settings import FabricSpec, expand
 
 log = structlog.get_logger("mediator.fabric")
@@ -41,12 +42,15 @@ class Fabric:
         spec: FabricSpec,
         tenants: Mapping[str, str | None],
         on_change: Callable[[frozenset[int]], None] | None = None,
+        on_command: Callable[[FabricAction, bool], None] | None = None,
     ) -> None:
-        """``on_change`` is told the active partitions after every change (to keep them on disk)."""
+        """``on_change`` is told the active partitions after every change (to keep them on disk),
+        ``on_command`` every command's action and success (for the metrics)."""
         self._lock = threading.Lock()
         self._active: set[int] = set()
         self._held: dict[str, int] = {}  # device with a client -> its partition
         self._on_change = on_change
+        self._on_command = on_command
         self.in_sync = True
         self.reconfigure(spec, tenants)
 
@@ -152,11 +156,16 @@ class Fabric:
                 partitions=active,
             )
             self.in_sync = result.ok
+            self._counted("resync", result.ok)
             if not result.ok:
                 raise FabricError(f"fabric resync failed: {result.summary}: {result.output}")
             return f"active partitions set: {active or 'none'}"
 
-    def _call(self, action: str, partition: int, device: str) -> None:
+    def _counted(self, action: FabricAction, ok: bool) -> None:
+        if self._on_command is not None:
+            self._on_command(action, ok)
+
+    def _call(self, action: FabricAction, partition: int, device: str) -> None:
         command = self.spec.activate if action == "activate" else self.spec.deactivate
         result = run_command(
             f"fabric {action}",
@@ -165,6 +174,7 @@ class Fabric:
             partition=partition,
             device=device,
         )
+        self._counted(action, result.ok)
         if not result.ok:
             raise FabricError(
                 f"fabric {action} of partition {partition} failed: {result.summary}: {result.output}"

@@ -152,6 +152,7 @@ class HandOff:
             where = None
             audit_log.error("hand-off record not kept", device=owner.name, why=str(e))
         failure = record.failure
+        device.metrics.handoff(failure is None)
         if failure is None:
             device.blocked = None
             audit_log.info("hand-off", ok=True, record=document, path=str(where) if where else None)
@@ -185,7 +186,9 @@ def _reset(device: VirtualDevice, mode: ResetMode) -> str:
     if mode == "none":
         device.config.reset()
         raise _Skip('the config says this device is not reset between tenants (reset = "none")')
-    return device.restart(bus=mode == "bus")
+    done = device.restart(bus=mode == "bus")
+    device.metrics.reset("handoff")
+    return done
 
 
 def _release(device: VirtualDevice) -> str:

@@ -178,9 +178,11 @@ class DaemonProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.process.poll() is None:
+        try:
+            self.stop()  # SIGTERM: the daemon cleans up as under systemd
+        except subprocess.TimeoutExpired:
             self.process.kill()
-        self.stop()
+            self.stop()
 
 
 def _is_serving(line: str) -> bool:

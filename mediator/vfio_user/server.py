@@ -28,6 +28,7 @@ from typing import Protocol
 import structlog
 import trio
 
+from mediator.metrics import DeviceMetrics
 from mediator.vfio_user.connection import Connection, Limits
 from mediator.vfio_user.service import DeviceService
 from mediator.vfio_user.transport import MessageSocket, pump
@@ -105,9 +106,12 @@ def peer_of(client: socket.socket) -> Peer:
 
 
 class DeviceServer:
-    def __init__(self, name: str, lifecycle: Lifecycle, limits: Limits | None = None) -> None:
+    def __init__(
+        self, name: str, lifecycle: Lifecycle, metrics: DeviceMetrics, limits: Limits | None = None
+    ) -> None:
         self.name = name
         self.lifecycle = lifecycle
+        self.metrics = metrics
         self.limits = limits or Limits()
         self.sessions = 0
         self.refused = 0
@@ -133,6 +137,7 @@ class DeviceServer:
                 peer = peer_of(client)
                 if not self.lifecycle.allows(peer):
                     self.refused += 1
+                    self.metrics.client_refused("credentials")
                     log.warning(
                         "refused a client: its user and groups may not use this device",
                         device=self.name,
@@ -146,6 +151,7 @@ class DeviceServer:
                     continue
                 if self._live or self._waiting:
                     self.refused += 1
+                    self.metrics.client_refused("busy")
                     log.warning(
                         "refused a second client: the device has one", device=self.name, client=number
                     )
@@ -171,13 +177,16 @@ class DeviceServer:
             client.setblocking(True)
             device, refusal = self.lifecycle.admit()
             if refusal:
+                self.metrics.client_refused("blocked")
                 log.warning("client connected; it will be refused", pid=peer.pid, uid=peer.uid, why=refusal)
             else:
                 log.info("client connected", pid=peer.pid, uid=peer.uid)
+            self.metrics.client_connected()
             connection = Connection(replace(self.limits, max_dma_maps=device.dma.max_mappings))
             service = self.service = DeviceService(device, connection, refusal)
             why = pump(MessageSocket(client, self.limits.max_msg_fds), connection, service)
             self._live = False  # the next client may now connect and wait for the hand-off
+            self.metrics.client_gone()
             log.info("client gone", why=why, requests=service.handled)
             try:
                 self.lifecycle.release()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 from collections import Counter
 from collections.abc import Callable
+from time import perf_counter
 from typing import Any
 
 import structlog
@@ -92,6 +93,12 @@ class DeviceService:
 
     def handle(self, request: Request) -> Reply:
         """The reply to one request: (bytes, fds to send with them)."""
+        started = perf_counter()
+        reply = self._handle(request)
+        self.device.metrics.request(request.command, perf_counter() - started)
+        return reply
+
+    def _handle(self, request: Request) -> Reply:
         self.counts[request.command] += 1
         refusal = self.refusal or self.device.blocked
         if refusal:
@@ -115,10 +122,12 @@ class DeviceService:
             return self._refuse(request, e.errno, f"device error: {e}")
         except Exception:  # a bug must not take the daemon down: the client gets EIO
             log.exception("request failed", msg_id=request.msg_id, command=request.command)
+            self.device.metrics.request_failed(request.command, errno.EIO)
             return self.connection.error(request, errno.EIO), []
         return self.connection.reply(request, payload), fds
 
     def _refuse(self, request: Request, errno_value: int, why: str) -> Reply:
+        self.device.metrics.request_failed(request.command, errno_value)
         self.device.auditor.refused(
             msg_id=request.msg_id,
             command=_command_name(request.command),
@@ -288,7 +297,7 @@ class DeviceService:
 
     def _reset(self, request: Request) -> Reply:
         del request
-        self.device.reset("the client's DEVICE_RESET")
+        self.device.reset("the client's DEVICE_RESET", "client")
         return b"", []
 
     def _feature(self, request: Request) -> Reply:

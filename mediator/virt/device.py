@@ -55,6 +55,7 @@ from mediator.backends.base import (
     IrqInfo,
 )
 from mediator.backends.dma import DmaError, DmaMapping, DmaTable, release
+from mediator.metrics import DeviceMetrics, Registry, ResetCause
 from mediator.pci.registers import Identity
 from mediator.quirks.table import QuirkTable
 from mediator.virt.config_view import ConfigView
@@ -68,11 +69,19 @@ _DEVICE = "device"
 
 
 class VirtualDevice:
-    def __init__(self, backend: Backend, plan: DevicePlan, max_dma_mappings: int = 65535) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        plan: DevicePlan,
+        max_dma_mappings: int = 65535,
+        metrics: DeviceMetrics | None = None,
+    ) -> None:
         self.backend = backend
         self.plan = plan
         self.config = ConfigView(plan.segments, plan.initial_shadow, backend, plan.reset_triggers)
         self.auditor = Auditor()
+        # The daemon's series for this device; a device nobody exports counts into its own.
+        self.metrics = metrics or DeviceMetrics(Registry(), "unexported")
         # Why the device must not be served (a protection that could not be
         # established, quarantine); None while it may be.
         self.blocked: str | None = None
@@ -152,6 +161,7 @@ class VirtualDevice:
             if handler == _DEVICE:
                 out += self.backend.read_region(index, start, stop - start)
             elif handler == _PADDING:
+                self.metrics.trapped_access("padding")
                 out += b"\xff" * (stop - start)
             else:
                 assert isinstance(handler, TrapWindow)
@@ -172,6 +182,8 @@ class VirtualDevice:
                 self.backend.write_region(index, start, piece)
             elif isinstance(handler, TrapWindow):
                 self._trap_write(handler, start, piece)
+            else:
+                self.metrics.trapped_access("padding")
 
     def _config_span(self, window: TrapWindow, start: int, stop: int) -> tuple[int, int]:
         """The part of a config-mirror access that falls inside the config space."""
@@ -202,6 +214,7 @@ class VirtualDevice:
                 self.reset("the guest's function-level reset (through the BAR0 config mirror)")
 
     def _audit(self, window: TrapWindow, start: int, direction: str, data: bytes) -> None:
+        self.metrics.trapped_access(window.action)
         event = "guest access" if window.action == "audit" else "guest access trapped"
         self.auditor.access(
             event,
@@ -232,6 +245,7 @@ class VirtualDevice:
         except Exception:
             release(self.dma.unmap(iova, size))
             raise
+        self.metrics.set_dma(len(self.dma), self.dma.backed_bytes)
         return mapping
 
     def dma_unmap(self, iova: int, size: int) -> list[DmaMapping]:
@@ -253,6 +267,7 @@ class VirtualDevice:
                 self.backend.dma_unmap(mapping)
         finally:
             release(mappings)
+            self.metrics.set_dma(len(self.dma), self.dma.backed_bytes)
 
     # interrupts
     def irq_info(self, index: int) -> IrqInfo:
@@ -373,14 +388,17 @@ class VirtualDevice:
         why = "the device has no reset method (no FLR, PM or bus reset)"
         raise DeviceError(errno.ENOTTY, why + (f"; {obstacle}" if obstacle else ""))
 
-    def reset(self, cause: str) -> None:
-        """A reset the guest asked for, done by the daemon: reset, restore, post-reset writes.
+    def reset(self, cause: str, source: ResetCause = "guest") -> None:
+        """A reset the guest (or the client, ``source``) asked for, done by the daemon.
+
+        Reset, restore the virtual state, make the post-reset writes.
 
         Raises:
             DeviceError: ENOTTY when the device has no reset method; EIO when a
                 verified post-reset write did not hold (the device is then blocked).
         """
         done = self.restart()
+        self.metrics.reset(source)
         audit_log.info("guest reset", cause=cause, reset=done, post_reset_writes=len(self.plan.post_reset))
         self.establish()
 

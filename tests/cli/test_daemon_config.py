@@ -147,3 +147,61 @@ def test_inspect_shows_what_the_tenancy_decides(tmp_path: Path) -> None:
     gpu2 = run("inspect", "--config", path, "--device", "gpu2")
     assert gpu2.returncode == 0, gpu2.stderr
     assert "synthesize" in gpu2.stdout and "clique 9" in gpu2.stdout
+
+
+def scrape(path: Path) -> str:
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(10)
+        client.connect(str(path))
+        client.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        response = b""
+        while chunk := client.recv(65536):
+            response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200"), head
+    return body.decode()
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    series = f"{name}{{{wanted}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name}{{{wanted}}} in the metrics")
+
+
+def test_metrics_count_requests_errors_handoffs_and_state(tmp_path: Path) -> None:
+    dump = Path(__file__).parents[2] / "mediator" / "profiles" / "nvidia-10de_2330-h100-sxm5-like.lspci"
+    (tmp_path / "blank-rom.toml").write_text(BLANK_ROM_PROFILE.format(dump=dump))
+    path = config(
+        tmp_path,
+        device_entry("gpu0", "h100-sxm5") + device_entry("bad", "blank-rom.toml"),
+        extra=f'[metrics]\nsocket = "metrics.sock"\ntextfile = "{tmp_path / "vfio.prom"}"\ninterval = 0.2\n',
+    )
+    with DaemonProcess("--config", str(path), "--log-format", "json", devices=2) as daemon:
+        assert version(tmp_path / "gpu0.sock") == (0x1, 0)
+        daemon.wait_for(lambda: len(daemon.events("hand-off")) == 3)  # two at start, one after the client
+        text = scrape(tmp_path / "metrics.sock")
+        assert sample(text, "vfio_mediator_requests_total", device="gpu0", command="VERSION") == 1
+        assert (
+            sample(text, "vfio_mediator_request_duration_seconds_count", device="gpu0", command="VERSION")
+            == 1
+        )
+        assert sample(text, "vfio_mediator_handoffs_total", device="gpu0", result="ok") == 2
+        assert sample(text, "vfio_mediator_handoffs_total", device="bad", result="failed") == 1
+        assert sample(text, "vfio_mediator_device_state", device="bad", state="quarantined") == 1
+        assert sample(text, "vfio_mediator_device_state", device="gpu0", state="serving") == 1
+        assert sample(text, "vfio_mediator_resets_total", device="gpu0", cause="handoff") == 2
+        assert sample(text, "vfio_mediator_devices") == 2
+        assert version(tmp_path / "bad.sock") == (0x1 | 0x20, errno.EPERM)
+        daemon.wait_for(lambda: "vfio_mediator_request_errors_total" in scrape(tmp_path / "metrics.sock"))
+        text = scrape(tmp_path / "metrics.sock")
+        assert (
+            sample(text, "vfio_mediator_request_errors_total", device="bad", command="VERSION", errno="EPERM")
+            == 1
+        )
+        assert sample(text, "vfio_mediator_clients_refused_total", device="bad", reason="blocked") == 1
+        daemon.wait_for((tmp_path / "vfio.prom").exists)
+        assert "vfio_mediator_build_info" in (tmp_path / "vfio.prom").read_text()
+    assert not (tmp_path / "metrics.sock").exists()

@@ -77,7 +77,7 @@ def served(profile_name: str, folder: Path, *, quirk_files: tuple[Path, ...] = (
     backend = device.backend
     assert isinstance(backend, SimBackend)
     listener = bind_unix(path)
-    state = Served(DeviceServer(profile_name, managed), device, backend, path)
+    state = Served(DeviceServer(profile_name, managed, managed.metrics), device, backend, path)
     started = threading.Event()
 
     async def main() -> None:
