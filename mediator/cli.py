@@ -24,7 +24,7 @@ from pathlib import Path
 import msgspec
 import trio
 
-from mediator import __version__, log
+from mediator import __version__, log, preflight
 from mediator.audit import audit_log
 from mediator.backends.base import BackendError
 from mediator.backends.profile import DEFAULT_PROFILE, load_profile, resolve_profile, shipped_profiles
@@ -377,6 +377,8 @@ def parser() -> argparse.ArgumentParser:
 
     profiles = commands.add_parser("profiles", help="list the device profiles that ship with the daemon")
     profiles.set_defaults(run=cmd_profiles)
+
+    preflight.add_commands(commands)
     return top
 
 

@@ -114,6 +114,7 @@ class ManagedDevice:
         self.metrics.set_state(
             "quarantined" if quarantined else "blocked" if self.device.blocked else "serving"
         )
+        self._daemon.notifier.status(self._daemon.status())  # systemctl status shows it at once
 
     def start(self, left_session: dict[str, object] | None) -> None:
         """Before the socket exists: a quarantined device stays blocked, any other is handed off."""

@@ -53,6 +53,16 @@ class _PriorityPrefixed:
         return f"<{priority}>{line.decode() if isinstance(line, bytes) else line}"
 
 
+class _CurrentStderr:
+    """Whatever ``sys.stderr`` is when a line is written (it may be replaced, e.g. by a test harness)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure(level: str = "info", format: str = "auto", stream: TextIO | None = None) -> None:
     out = stream or sys.stderr
     if format == "auto":
@@ -76,6 +86,6 @@ def configure(level: str = "info", format: str = "auto", stream: TextIO | None =
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        logger_factory=structlog.PrintLoggerFactory(stream or _CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )

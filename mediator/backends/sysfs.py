@@ -40,16 +40,31 @@ class PciFunction:
     bdf: str
     driver: str | None
     iommu_group: int | None
-    group_members: tuple[tuple[str, str | None], ...]  # (bdf, driver) of every function in the group
+    group_members: Members
     vfio_cdev: str | None  # e.g. "vfio0" when the kernel offers /dev/vfio/devices/vfio0
 
     def describe(self) -> str:
         return f"{self.bdf} (driver {self.driver or 'none'}, IOMMU group {self.iommu_group})"
 
 
-def _driver(device: Path) -> str | None:
+Members = tuple[tuple[str, str | None], ...]  # (bdf, driver) of every function in an IOMMU group
+
+
+def driver_of(device: Path) -> str | None:
+    """The driver bound to the function at sysfs path ``device``."""
     link = device / "driver"
     return link.resolve().name if link.exists() else None
+
+
+def iommu_group_of(device: Path) -> tuple[int | None, Members]:
+    """The function's IOMMU group number and its members; (None, ()) without an IOMMU."""
+    link = device / "iommu_group"
+    if not link.exists():
+        return None, ()
+    group = link.resolve()
+    return int(group.name), tuple(
+        (member.name, driver_of(member)) for member in sorted((group / "devices").iterdir())
+    )
 
 
 def find_function(bdf_text: str, root: Path = Path("/sys")) -> PciFunction:
@@ -63,7 +78,7 @@ def find_function(bdf_text: str, root: Path = Path("/sys")) -> PciFunction:
     device = root / "bus/pci/devices" / bdf
     if not device.exists():
         raise DeviceNotReady(f"no PCI device {bdf} (nothing at {device})")
-    driver = _driver(device)
+    driver = driver_of(device)
     if not is_vfio_driver(driver):
         current = f"is bound to {driver}" if driver else "has no driver"
         unbind = f"echo {bdf} > {device}/driver/unbind; " if driver else ""
@@ -72,24 +87,22 @@ def find_function(bdf_text: str, root: Path = Path("/sys")) -> PciFunction:
             f"modprobe vfio-pci; echo vfio-pci > {device}/driver_override; "
             f"{unbind}echo {bdf} > {root}/bus/pci/drivers_probe"
         )
-    group_link = device / "iommu_group"
-    if not group_link.exists():
+    group, members = iommu_group_of(device)
+    if group is None:
         raise DeviceNotReady(
             f"{bdf} has no IOMMU group: enable the IOMMU (intel_iommu=on or amd_iommu=on on the "
             f"kernel command line, VT-d/AMD-Vi in the firmware)"
         )
-    group_path = group_link.resolve()
-    members = tuple((member.name, _driver(member)) for member in sorted((group_path / "devices").iterdir()))
     cdevs = (
         sorted(p.name for p in (device / "vfio-dev").glob("vfio*")) if (device / "vfio-dev").is_dir() else []
     )
-    return PciFunction(bdf, driver, int(group_path.name), members, cdevs[0] if cdevs else None)
+    return PciFunction(bdf, driver, group, members, cdevs[0] if cdevs else None)
 
 
-def group_blockers(function: PciFunction) -> list[tuple[str, str | None]]:
-    """Functions sharing the IOMMU group that keep it from being viable (bound elsewhere)."""
-    return [
+def group_blockers(members: Members) -> Members:
+    """Group members that keep it from being viable: bound elsewhere (bridges may stay)."""
+    return tuple(
         (bdf, driver)
-        for bdf, driver in function.group_members
+        for bdf, driver in members
         if driver is not None and not is_vfio_driver(driver) and driver != "pcieport"
-    ]
+    )

@@ -180,7 +180,9 @@ class VfioDevice:
         self._ioctl(group, lib.VFIO_GROUP_GET_STATUS, status, "VFIO_GROUP_GET_STATUS")
         if not status.flags & lib.VFIO_GROUP_FLAGS_VIABLE:
             blockers = (
-                ", ".join(f"{bdf} (bound to {driver})" for bdf, driver in group_blockers(function))
+                ", ".join(
+                    f"{bdf} (bound to {driver})" for bdf, driver in group_blockers(function.group_members)
+                )
                 or "a device"
             )
             raise VfioError(

@@ -110,6 +110,7 @@ CHECKS = [
     "compare-edu",
     "compare-virtio-net",
     "compare-igb",
+    "preflight",
 ]
 
 

@@ -32,6 +32,7 @@ from mediator._vfio_shim import ffi, lib
 from mediator.backends.sysfs import find_function
 from mediator.backends.vfio import VfioDevice, VfioError
 from mediator.pci.chain import walk
+from mediator.preflight import doctor, list_devices
 from mediator.vfio_user.wire import Command
 from tests.e2e.harness import Machine
 from tests.protocol.client import Client
@@ -412,6 +413,38 @@ def main() -> None:
                 "ext_mediator": ext_ids(through_mediator),
                 "config_read_us": {"vfio-pci": round(plain_us, 1), "mediator": round(mediated_us, 1)},
             }
+
+    @checked("preflight")
+    def _() -> dict[str, object]:
+        listed = {d.bdf: d for d in list_devices()}
+        groups = {kind: (listed[bdf].iommu_group, listed[bdf].group_members) for kind, bdf in bdfs.items()}
+        bound = all(listed[bdf].driver == "vfio-pci" and listed[bdf].group_viable for bdf in bdfs.values())
+        assert bound, groups
+        findings = {kind: {f.check: f for f in doctor(bdf)} for kind, bdf in bdfs.items()}
+        for kind, found in findings.items():
+            for check in ("function", "driver", "iommu", "vfio-api", "memlock"):
+                assert found[check].severity == "ok", (kind, found[check])
+        edu_reset, edu_rom = findings["edu"]["reset"], findings["edu"]["rom"]
+        assert edu_reset.severity == "error" and "no reset method" in edu_reset.found, edu_reset
+        assert edu_rom.found == "no ROM", edu_rom
+        igb_reset = findings["igb"]["reset"]
+        assert igb_reset.severity == "ok" and ("flr" in igb_reset.found or "bus" in igb_reset.found), (
+            igb_reset
+        )
+        # Whether the guest kernel turned ATS on depends on its IOMMU (device-TLB): report it, assert it is seen.
+        ats = findings["virtio-net"]["ats"]
+        assert ats.found != "no ATS capability", ats
+        # QEMU's efi-virtio.rom, read while vfio-pci had the idle function in D3hot: doctor wakes it.
+        rom, control = findings["virtio-net"]["rom"], SYSFS / bdfs["virtio-net"] / "power/control"
+        assert rom.severity == "ok" and "image(s)" in rom.found, rom
+        assert control.read_text().strip() == "auto", control.read_text()
+        return {
+            "groups": groups,
+            "findings": {
+                kind: {check: f"{f.severity}: {f.found}" for check, f in found.items()}
+                for kind, found in findings.items()
+            },
+        }
 
 
 if __name__ == "__main__":

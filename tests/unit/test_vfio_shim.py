@@ -139,7 +139,7 @@ def test_a_vfio_bound_function_is_found_with_its_group(tmp_path: Path) -> None:
         7,
         None,
     )
-    assert group_blockers(function) == [("0000:3b:00.1", "snd_hda_intel")]
+    assert group_blockers(function.group_members) == (("0000:3b:00.1", "snd_hda_intel"),)
 
 
 def test_a_function_bound_elsewhere_gets_the_commands_to_rebind_it(tmp_path: Path) -> None:

@@ -1,0 +1,550 @@
+"""Operator preflight: which functions could be served, and what stands in the way of one.
+
+``list_devices`` reads sysfs only: every PCI function bound to a VFIO driver,
+every display controller and every function with an IOMMU group, with its
+group and the device-specific quirks that match it. ``doctor`` runs each
+check the daemon (or its hand-off) would otherwise fail or warn about later
+(driver, group viability, VFIO nodes, reset, expansion ROM, ATS on the host,
+ACS above the function, RLIMIT_MEMLOCK) and turns each into a ``Finding``
+with the fix. Capabilities come from the function's sysfs ``config`` file
+through ``mediator.pci.chain.walk``; without root the kernel shows only its
+first 64 bytes, and the checks that need more say so. The ROM is read the
+way the kernel wants it: enabled by writing "1" to ``rom``, and with the
+function woken from the D3hot vfio-pci leaves an idle one in (its ROM does
+not answer there); both are put back. ``root``, ``proc`` and ``dev`` are
+parameters so tests can point them at trees of their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import re
+import resource
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from mediator.backends.sysfs import (
+    BDF,
+    DeviceNotReady,
+    Members,
+    driver_of,
+    group_blockers,
+    iommu_group_of,
+    is_vfio_driver,
+    normalize_bdf,
+)
+from mediator.backends.vfio import memlock_advice
+from mediator.pci import capabilities as caps
+from mediator.pci.bars import format_size
+from mediator.pci.capabilities import CapKind
+from mediator.pci.chain import Chains, walk
+from mediator.pci.registers import CONFIG_SPACE_SIZE, EXTENDED_CONFIG_SPACE_SIZE, Identity, u16, u32
+from mediator.pci.rom import RomError, check_rom
+from mediator.quirks.schema import Match
+from mediator.quirks.table import QuirkTable
+
+SYSFS = Path("/sys")
+PROC = Path("/proc")
+DEV = Path("/dev")
+
+DISPLAY_CLASS = 0x03
+EXP_DEVCAP = 0x04
+EXP_DEVCAP_FLR = 1 << 28
+EXP_TYPE_DOWNSTREAM_PORT = 0x6
+ATS_CONTROL = 0x06
+ATS_ENABLE = 1 << 15
+ACS_CAPABILITY = 0x04
+ACS_CONTROL = 0x06
+# Source Validation, Request and Completion Redirect, Upstream Forwarding: what the kernel's
+# pci_acs_enabled asks of every port above a function before it isolates the function's group.
+ACS_ISOLATION = {0x01: "SV", 0x04: "RR", 0x08: "CR", 0x10: "UF"}
+CAP_IPC_LOCK = 14
+
+Severity = Literal["ok", "warning", "error"]
+
+
+@dataclass(frozen=True)
+class Finding:
+    severity: Severity
+    check: str
+    found: str
+    fix: str = ""
+
+
+@dataclass(frozen=True)
+class DeviceSummary:
+    bdf: str
+    identity: Identity
+    driver: str | None
+    iommu_group: int | None
+    group_members: Members  # the function itself included
+    group_blockers: Members  # members that keep the group from being viable
+    quirks: tuple[str, ...]  # built-in quirks that match this device in particular
+
+    @property
+    def group_viable(self) -> bool:
+        return self.iommu_group is not None and not self.group_blockers
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "bdf": self.bdf,
+            "vendor": f"{self.identity.vendor:04x}",
+            "device": f"{self.identity.device:04x}",
+            "class": f"{self.identity.class_code:06x}",
+            "driver": self.driver,
+            "iommu_group": self.iommu_group,
+            "group_members": [{"bdf": bdf, "driver": driver} for bdf, driver in self.group_members],
+            "group_viable": self.group_viable,
+            "group_blockers": [{"bdf": bdf, "driver": driver} for bdf, driver in self.group_blockers],
+            "quirks": list(self.quirks),
+        }
+
+
+# sysfs reading
+
+
+def _chains(config: bytes) -> tuple[bytes, Chains] | None:
+    """The capability chains, or None when the kernel showed only the header (not root)."""
+    for size in (EXTENDED_CONFIG_SPACE_SIZE, CONFIG_SPACE_SIZE):
+        if len(config) >= size:
+            image = config[:size]
+            return image, walk(image)
+    return None
+
+
+def _quirk_names(table: QuirkTable, identity: Identity) -> tuple[str, ...]:
+    # Quirks that match every function (baseline/, security/) would fill every line and tell
+    # nothing about this device; `inspect` shows all of them at work.
+    return tuple(q.name for q in table.for_device(identity) if q.match != Match())
+
+
+def list_devices(root: Path = SYSFS) -> list[DeviceSummary]:
+    """Every function that is a candidate for VFIO: bound to a VFIO driver, a display controller
+    (class 0x03), or in an IOMMU group."""
+    devices = root / "bus/pci/devices"
+    if not devices.is_dir():
+        return []
+    table = QuirkTable.load()
+    found = []
+    for device in sorted(devices.iterdir()):
+        identity = Identity.of((device / "config").read_bytes())
+        driver = driver_of(device)
+        group, members = iommu_group_of(device)
+        if not (is_vfio_driver(driver) or identity.class_code >> 16 == DISPLAY_CLASS or group is not None):
+            continue
+        found.append(
+            DeviceSummary(
+                device.name,
+                identity,
+                driver,
+                group,
+                members,
+                group_blockers(members),
+                _quirk_names(table, identity),
+            )
+        )
+    return found
+
+
+# doctor's checks
+
+
+def _not_vfio(bdf: str, device: Path, driver: str | None, root: Path) -> Finding:
+    # The same commands sysfs.find_function gives when the daemon refuses the function.
+    unbind = f"echo {bdf} > {device}/driver/unbind; " if driver else ""
+    return Finding(
+        "error",
+        "driver",
+        f"{'bound to ' + driver if driver else 'no driver'}, not vfio-pci: the daemon refuses the function",
+        f"modprobe vfio-pci; echo vfio-pci > {device}/driver_override; "
+        f"{unbind}echo {bdf} > {root}/bus/pci/drivers_probe",
+    )
+
+
+def _group_finding(
+    bdf: str, group: int | None, members: tuple[tuple[str, str | None], ...], root: Path
+) -> Finding:
+    if group is None:
+        return Finding(
+            "error",
+            "iommu",
+            "no IOMMU group: the IOMMU is off",
+            "enable the IOMMU: intel_iommu=on or amd_iommu=on on the kernel command line, "
+            "VT-d/AMD-Vi in the firmware",
+        )
+    listed = ", ".join(f"{member} ({driver or 'no driver'})" for member, driver in members)
+    # The function's own driver is a finding of its own.
+    blockers = [(member, driver) for member, driver in group_blockers(members) if member != bdf]
+    if blockers:
+        named = ", ".join(f"{member} (bound to {driver})" for member, driver in blockers)
+        return Finding(
+            "error",
+            "iommu",
+            f"group {group} is not viable: {named} shares it",
+            "bind every device of the group to vfio-pci, or unbind it from its driver: "
+            + "; ".join(
+                f"echo {member} > {root}/bus/pci/devices/{member}/driver/unbind" for member, _ in blockers
+            ),
+        )
+    return Finding("ok", "iommu", f"group {group} is viable: {listed}")
+
+
+def _vfio_api(device: Path, group: int | None, dev: Path) -> Finding:
+    cdevs = sorted(p.name for p in (device / "vfio-dev").glob("vfio*"))
+    iommufd = dev / "iommu"
+    if cdevs and iommufd.exists() and (dev / "vfio/devices" / cdevs[0]).exists():
+        return Finding(
+            "ok", "vfio-api", f"{dev / 'vfio/devices' / cdevs[0]} and {iommufd}: the daemon uses iommufd"
+        )
+    container = dev / "vfio/vfio"
+    if container.exists():
+        node = dev / "vfio" / str(group)
+        nodes = f"{container} and {node}" if node.exists() else f"{container}"
+        why = "no VFIO cdev for the function" if not cdevs else f"no {iommufd}"
+        return Finding("ok", "vfio-api", f"{nodes}: the daemon uses the group API ({why})")
+    return Finding(
+        "error",
+        "vfio-api",
+        f"no VFIO device nodes: neither {container} nor a cdev under {dev / 'vfio/devices'} with {iommufd}",
+        "modprobe vfio-pci (for the iommufd path also modprobe iommufd)",
+    )
+
+
+def _flr_capable(chains: tuple[bytes, Chains] | None) -> bool:
+    if chains is None:
+        return False
+    image, found = chains
+    exp = found.find(CapKind.STD, caps.EXP)
+    return exp is not None and bool(u32(image, exp.offset + EXP_DEVCAP) & EXP_DEVCAP_FLR)
+
+
+def _reset(device: Path, chains: tuple[bytes, Chains] | None) -> Finding:
+    # The kernel shows ``reset`` (and, since 5.15, ``reset_method``) only for a function it can
+    # reset, so without either there is none, whatever the config space claims.
+    listed = device / "reset_method"
+    if listed.exists() and listed.read_text().split():
+        methods = ", ".join(listed.read_text().split())
+        return Finding("ok", "reset", f"{methods} (from the kernel's reset_method)")
+    if not listed.exists() and (device / "reset").exists():
+        if _flr_capable(chains):
+            return Finding(
+                "ok", "reset", "flr (from PCIe Device Capabilities; this kernel has no reset_method)"
+            )
+        return Finding("ok", "reset", "the kernel can reset it (this kernel does not say how)")
+    return Finding(
+        "error",
+        "reset",
+        "no reset method (no FLR, PM or bus reset): the device cannot be cleaned between tenants, "
+        "so the daemon quarantines it at start",
+        'accept that in its config entry with reset = "none" (or serve --reset none), '
+        "or use a slot where a bus reset can reach it",
+    )
+
+
+@contextmanager
+def _awake(device: Path) -> Iterator[None]:
+    """Keep the function in D0: vfio-pci puts an idle one in D3hot, where its ROM does not answer."""
+    status = device / "power/runtime_status"
+    if not status.exists() or status.read_text().strip() != "suspended":
+        yield
+        return
+    control = device / "power/control"
+    previous = control.read_text().strip()
+    control.write_text("on")
+    try:
+        yield
+    finally:
+        control.write_text(previous)
+
+
+def _read_rom(device: Path) -> bytes:
+    rom = device / "rom"
+    with _awake(device):
+        try:
+            return rom.read_bytes()
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+        # The kernel refuses to read a ROM (EINVAL) until "1" is written to the file.
+        rom.write_text("1")
+        try:
+            return rom.read_bytes()
+        finally:
+            rom.write_text("0")
+
+
+def _rom(device: Path, identity: Identity) -> Finding:
+    if not (device / "rom").exists():
+        return Finding("ok", "rom", "no ROM")
+    try:
+        data = _read_rom(device)
+    except OSError as e:
+        name = errno.errorcode.get(e.errno or 0, str(e.errno))
+        denied = e.errno in (errno.EACCES, errno.EPERM)
+        return Finding(
+            "warning",
+            "rom",
+            f"the expansion ROM cannot be read: {e.strerror} ({name})",
+            "run doctor as root"
+            if denied
+            else "none needed unless the guest needs the ROM: the kernel finds no valid image in it (dmesg "
+            "says why), so VFIO offers none and the hand-off skips it",
+        )
+    try:
+        checked = check_rom(data, identity, frozenset())  # what the hand-off's rom step checks
+    except RomError as e:
+        return Finding(
+            "error",
+            "rom",
+            f"the expansion ROM is not valid: {e}; the hand-off would quarantine the device",
+            "restore the vendor's firmware image (a previous user may have overwritten it)",
+        )
+    return Finding(
+        "ok",
+        "rom",
+        f"{len(checked.images)} image(s), {checked.length} bytes, SHA-256 {checked.sha256} "
+        f"(for [handoff] rom_sha256)",
+    )
+
+
+def _ats(chains: tuple[bytes, Chains] | None) -> Finding:
+    if chains is None:
+        return Finding(
+            "warning", "ats", "cannot tell: only the config header is readable", "run doctor as root"
+        )
+    image, found = chains
+    ats = found.find(CapKind.EXT, caps.ATS)
+    if ats is None:
+        return Finding("ok", "ats", "no ATS capability")
+    control = u16(image, ats.offset + ATS_CONTROL)
+    if not control & ATS_ENABLE:
+        return Finding(
+            "ok", "ats", f"ATS capability @{ats.offset:#x} disabled on the host; the guest never sees it"
+        )
+    return Finding(
+        "warning",
+        "ats",
+        f"ATS is enabled on the host (control {control:#06x} @{ats.offset + ATS_CONTROL:#x}): the daemon "
+        "hides ATS from the guest, but the function can still send translated requests past the IOMMU",
+        "disable ATS on the host (kernel parameter pci=noats), or do not pass this device",
+    )
+
+
+def _port_acs(port: Path) -> str | None:
+    """What keeps ``port`` from isolating the functions below it; None when nothing does
+    or it is not a root or downstream port."""
+    chains = _chains((port / "config").read_bytes())
+    if chains is None:
+        return f"{port.name}: only the config header is readable (run doctor as root)"
+    image, found = chains
+    exp = found.find(CapKind.STD, caps.EXP)
+    if exp is None:
+        return None
+    port_type = (u16(image, exp.offset + caps.EXP_FLAGS) >> caps.EXP_FLAGS_TYPE_SHIFT) & 0xF
+    if port_type not in (caps.EXP_TYPE_ROOT_PORT, EXP_TYPE_DOWNSTREAM_PORT):
+        return None
+    kind = "root port" if port_type == caps.EXP_TYPE_ROOT_PORT else "downstream port"
+    acs = found.find(CapKind.EXT, caps.ACS)
+    if acs is None:
+        return f"{port.name} ({kind}) has no ACS capability"
+    # As in the kernel's pci_acs_flags_enabled: a control the port does not implement is
+    # hard-wired enabled, so only the implemented ones must be on.
+    implemented = u16(image, acs.offset + ACS_CAPABILITY)
+    control = u16(image, acs.offset + ACS_CONTROL)
+    off = [name for bit, name in ACS_ISOLATION.items() if bit & implemented and not bit & control]
+    return f"{port.name} ({kind}) has ACS {' '.join(off)} off" if off else None
+
+
+def _acs(device: Path) -> Finding:
+    ports = [parent for parent in device.resolve().parents if BDF.match(parent.name)]
+    if not ports:
+        return Finding("ok", "acs", "no bridge above the function (it is on a root bus)")
+    gaps = [gap for gap in (_port_acs(port) for port in ports) if gap]
+    path = " -> ".join(port.name for port in reversed(ports))
+    if not gaps:
+        return Finding("ok", "acs", f"peer-to-peer isolated on the way up ({path})")
+    return Finding(
+        "warning",
+        "acs",
+        f"peer-to-peer can bypass the IOMMU: {'; '.join(gaps)}",
+        "enable ACS on those ports (a firmware setting), use a slot whose ports have it, or give every "
+        "device below them to the same guest",
+    )
+
+
+def _has_cap_ipc_lock(proc: Path) -> bool:
+    try:
+        status = (proc / "self/status").read_text()
+    except OSError:
+        return False
+    effective = re.search(r"^CapEff:\s*([0-9a-f]+)$", status, re.MULTILINE)
+    return effective is not None and bool(int(effective.group(1), 16) >> CAP_IPC_LOCK & 1)
+
+
+def _memlock(guest_ram: int | None, proc: Path) -> Finding:
+    # Doctor sees its own limit; the daemon's comes from its unit (LimitMEMLOCK=), so say whose.
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    limit = "unlimited" if soft == resource.RLIM_INFINITY else format_size(soft)
+    if _has_cap_ipc_lock(proc):
+        return Finding("ok", "memlock", "this process has CAP_IPC_LOCK: pinning guest RAM is not limited")
+    if guest_ram is None:
+        return Finding(
+            "ok", "memlock", f"RLIMIT_MEMLOCK {limit} for this process (--guest-ram SIZE compares it)"
+        )
+    if soft == resource.RLIM_INFINITY or soft >= guest_ram:
+        return Finding(
+            "ok", "memlock", f"RLIMIT_MEMLOCK {limit} for this process covers {format_size(guest_ram)}"
+        )
+    return Finding(
+        "warning",
+        "memlock",
+        f"RLIMIT_MEMLOCK {limit} for this process, below the guest's {format_size(guest_ram)}, and no "
+        "CAP_IPC_LOCK: mapping guest RAM for DMA would fail with ENOMEM",
+        memlock_advice(guest_ram),
+    )
+
+
+def doctor(
+    bdf: str, root: Path = SYSFS, guest_ram: int | None = None, *, proc: Path = PROC, dev: Path = DEV
+) -> list[Finding]:
+    """Every check for serving the function at ``bdf``, with guest RAM of ``guest_ram`` bytes."""
+    try:
+        address = normalize_bdf(bdf)
+    except DeviceNotReady as e:
+        return [Finding("error", "function", str(e), "give the address as lspci -D shows it")]
+    device = root / "bus/pci/devices" / address
+    if not device.exists():
+        return [
+            Finding(
+                "error",
+                "function",
+                f"no PCI device {address} (nothing at {device})",
+                "check the address with lspci -D or vfio-mediator devices",
+            )
+        ]
+    config = (device / "config").read_bytes()
+    identity = Identity.of(config)
+    chains = _chains(config)
+    driver = driver_of(device)
+    group, members = iommu_group_of(device)
+    return [
+        Finding("ok", "function", f"{address} {identity}"),
+        Finding("ok", "driver", f"bound to {driver}")
+        if is_vfio_driver(driver)
+        else _not_vfio(address, device, driver, root),
+        _group_finding(address, group, members, root),
+        _vfio_api(device, group, dev),
+        _reset(device, chains),
+        _rom(device, identity),
+        _ats(chains),
+        _acs(device),
+        _memlock(guest_ram, proc),
+    ]
+
+
+# the commands
+
+SIZE = re.compile(r"^(\d+)([KMGT]?)(?:i?B)?$", re.IGNORECASE)
+SIZE_SHIFTS = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
+
+
+def parse_size(text: str) -> int:
+    """``64G`` -> 64 GiB; units are powers of 1024."""
+    match = SIZE.match(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size: give bytes or a number with K, M, G or T (powers of 1024), e.g. 64G"
+        )
+    return int(match.group(1)) << SIZE_SHIFTS[match.group(2).upper()]
+
+
+def _group_text(summary: DeviceSummary) -> str:
+    if summary.iommu_group is None:
+        return "no IOMMU group"
+    return f"group {summary.iommu_group} {'viable' if summary.group_viable else 'NOT viable'}"
+
+
+def run_devices(args: argparse.Namespace) -> int:
+    summaries = list_devices(args.sysfs)
+    if args.json:
+        json.dump([s.to_json() for s in summaries], sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    if not summaries:
+        print("no candidate for VFIO: nothing is bound to vfio-pci, no display controller, no IOMMU group")
+        return 0
+    print(f"{'BDF':<12}  {'ID':<9}  {'CLASS':<6}  {'DRIVER':<16}  {'IOMMU':<20}  QUIRKS")
+    for s in summaries:
+        ids = f"{s.identity.vendor:04x}:{s.identity.device:04x}"
+        print(
+            f"{s.bdf:<12}  {ids:<9}  {s.identity.class_code:06x}  {s.driver or '-':<16}  "
+            f"{_group_text(s):<20}  {', '.join(s.quirks) or '-'}"
+        )
+        others = [f"{bdf} ({driver or 'no driver'})" for bdf, driver in s.group_members if bdf != s.bdf]
+        if others:
+            print(f"{'':<14}group {s.iommu_group} also holds {', '.join(others)}")
+    return 0
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    findings = doctor(args.device, args.sysfs, args.guest_ram, proc=args.proc, dev=args.dev)
+    errors = sum(f.severity == "error" for f in findings)
+    if args.json:
+        document = {"device": args.device, "errors": errors, "findings": [asdict(f) for f in findings]}
+        json.dump(document, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        for f in findings:
+            print(f"{f.severity:<7}  {f.check:<8}  {f.found}")
+            if f.fix:
+                print(f"{'':<9}fix: {f.fix}")
+    return 1 if errors else 0
+
+
+def _tree_arguments(command: argparse.ArgumentParser, *trees: str) -> None:
+    # Not for operators: tests point these at fake trees, so they stay out of --help.
+    defaults = {"sysfs": SYSFS, "proc": PROC, "dev": DEV}
+    for tree in trees:
+        command.add_argument(f"--{tree}", type=Path, default=defaults[tree], help=argparse.SUPPRESS)
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``devices`` and ``doctor`` on the top-level command's subparsers."""
+    devices = commands.add_parser(
+        "devices",
+        help="list the PCI functions that could be served: driver, IOMMU group, matching quirks",
+        description="List every PCI function bound to a VFIO driver, every display controller and "
+        "every function in an IOMMU group, with its group (viable or not) and the device-specific "
+        "built-in quirks that match it. Reads sysfs only; exit 0.",
+    )
+    devices.add_argument("--json", action="store_true", help="print one JSON list")
+    _tree_arguments(devices, "sysfs")
+    devices.set_defaults(run=run_devices)
+
+    doctor_command = commands.add_parser(
+        "doctor",
+        help="check a function before serving it, and say how to fix what is wrong",
+        description="Check everything that would stop the daemon serving a function or weaken its "
+        "isolation: driver, IOMMU group, VFIO nodes, reset method, expansion ROM, ATS on the host, "
+        "ACS above it, RLIMIT_MEMLOCK. One line per check (ok, warning, error) with the fix under "
+        "it. Exit 1 when a check is an error; warnings do not fail. Reading the ROM needs root and "
+        "briefly enables it: run doctor while the device is not in use.",
+    )
+    doctor_command.add_argument(
+        "--device", required=True, metavar="BDF", help="the function, e.g. 0000:3b:00.0"
+    )
+    doctor_command.add_argument(
+        "--guest-ram",
+        type=parse_size,
+        metavar="SIZE",
+        help="the guest's RAM (e.g. 64G), to check RLIMIT_MEMLOCK against",
+    )
+    doctor_command.add_argument("--json", action="store_true", help="print one JSON object")
+    _tree_arguments(doctor_command, "sysfs", "proc", "dev")
+    doctor_command.set_defaults(run=run_doctor)

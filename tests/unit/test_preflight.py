@@ -1,0 +1,400 @@
+"""Operator preflight on fake sysfs trees: what `devices` lists and what `doctor` tells an operator."""
+
+from __future__ import annotations
+
+import json
+import resource
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from mediator.cli import main
+from mediator.pci.registers import Identity
+from mediator.pci.rom import build_rom
+from mediator.preflight import Finding, doctor, list_devices, parse_size
+from tests.fakesysfs import ACS_ISOLATED, FakeSysfs, fake_dev, fake_proc, root_port, with_ats
+from tests.support import profile
+
+GPU = "0000:3b:00.0"
+AUDIO = "0000:3b:00.1"
+PORT = "0000:00:01.0"
+H100 = profile("h100-sxm5").image
+CAP_IPC_LOCK = 1 << 14
+
+
+class Machine:
+    """A fake sysfs with a root port above bus 3b, a /proc and a /dev, as doctor reads them."""
+
+    def __init__(self, root: Path, *, acs: int | None = ACS_ISOLATED, cap_eff: int = CAP_IPC_LOCK) -> None:
+        self.sysfs = FakeSysfs(root / "sys")
+        self.sysfs.add(PORT, root_port(acs), driver="pcieport", group=1)
+        self.proc = fake_proc(root / "proc", cap_eff)
+        self.dev = fake_dev(root / "dev", "vfio/vfio", "vfio/12")
+
+    def gpu(
+        self,
+        config: bytes = H100,
+        *,
+        driver: str | None = "vfio-pci",
+        group: int | None = 12,
+        reset_method: str | None = "flr bus",
+        rom: bytes | Literal["valid"] | None = "valid",
+    ) -> Path:
+        """The function under test at GPU, below the root port; by default ready to be served."""
+        return self.sysfs.add(
+            GPU,
+            config,
+            parent=PORT,
+            driver=driver,
+            group=group,
+            reset_method=reset_method,
+            rom=build_rom(Identity.of(config), 0x20000) if rom == "valid" else rom,
+        )
+
+    def doctor(self, bdf: str = GPU, guest_ram: int | None = None) -> dict[str, Finding]:
+        findings = doctor(bdf, self.sysfs.root, guest_ram, proc=self.proc, dev=self.dev)
+        return {f.check: f for f in findings}
+
+
+@pytest.fixture
+def machine(tmp_path: Path) -> Machine:
+    return Machine(tmp_path)
+
+
+def severities(findings: dict[str, Finding]) -> dict[str, str]:
+    return {check: f.severity for check, f in findings.items()}
+
+
+def test_a_vfio_bound_gpu_in_a_viable_group_passes_every_check(machine: Machine) -> None:
+    machine.gpu()
+    machine.sysfs.add(AUDIO, profile("h100-sxm5").image, parent=PORT, driver="vfio-pci", group=12)
+    findings = machine.doctor(guest_ram=64 << 30)
+    assert severities(findings) == {
+        check: "ok"
+        for check in ("function", "driver", "iommu", "vfio-api", "reset", "rom", "ats", "acs", "memlock")
+    }
+    assert findings["function"].found.startswith(f"{GPU} 10de:2330")
+    assert findings["driver"].found == "bound to vfio-pci"
+    assert findings["iommu"].found == f"group 12 is viable: {GPU} (vfio-pci), {AUDIO} (vfio-pci)"
+    assert findings["vfio-api"].found.endswith(
+        "the daemon uses the group API (no VFIO cdev for the function)"
+    )
+    assert findings["reset"].found == "flr, bus (from the kernel's reset_method)"
+    assert findings["rom"].found.startswith("1 image(s), 65536 bytes, SHA-256 ")
+    assert findings["ats"].found == "no ATS capability"
+    assert findings["acs"].found == f"peer-to-peer isolated on the way up ({PORT})"
+    assert "has CAP_IPC_LOCK" in findings["memlock"].found
+    assert all(not f.fix for f in findings.values())
+
+
+def test_a_function_bound_to_nvidia_gets_the_commands_to_hand_it_to_vfio(machine: Machine) -> None:
+    machine.gpu(driver="nvidia")
+    driver = machine.doctor()["driver"]
+    devices = machine.sysfs.root / "bus/pci/devices"
+    assert driver.severity == "error"
+    assert driver.found == "bound to nvidia, not vfio-pci: the daemon refuses the function"
+    assert driver.fix == (
+        f"modprobe vfio-pci; echo vfio-pci > {devices / GPU}/driver_override; "
+        f"echo {GPU} > {devices / GPU}/driver/unbind; echo {GPU} > {machine.sysfs.root}/bus/pci/drivers_probe"
+    )
+
+
+def test_an_unbound_function_needs_no_unbind(machine: Machine) -> None:
+    machine.gpu(driver=None)
+    driver = machine.doctor()["driver"]
+    assert driver.severity == "error" and driver.found.startswith("no driver, not vfio-pci")
+    assert "unbind" not in driver.fix and "driver_override" in driver.fix
+
+
+def test_a_group_shared_with_another_driver_names_the_blocker(machine: Machine) -> None:
+    machine.gpu()
+    machine.sysfs.add(AUDIO, H100, parent=PORT, driver="snd_hda_intel", group=12)
+    iommu = machine.doctor()["iommu"]
+    assert iommu.severity == "error"
+    assert iommu.found == f"group 12 is not viable: {AUDIO} (bound to snd_hda_intel) shares it"
+    assert f"echo {AUDIO} > {machine.sysfs.root}/bus/pci/devices/{AUDIO}/driver/unbind" in iommu.fix
+
+
+def test_bridges_and_unbound_functions_keep_a_group_viable(machine: Machine) -> None:
+    machine.gpu()
+    machine.sysfs.add(AUDIO, H100, parent=PORT, group=12)
+    machine.sysfs.add("0000:3b:00.2", root_port(None), parent=PORT, driver="pcieport", group=12)
+    assert machine.doctor()["iommu"].severity == "ok"
+
+
+def test_no_iommu_group_says_to_turn_the_iommu_on(machine: Machine) -> None:
+    machine.gpu(group=None)
+    iommu = machine.doctor()["iommu"]
+    assert iommu.severity == "error" and "intel_iommu=on" in iommu.fix
+
+
+def test_ats_enabled_on_the_host_is_a_warning(machine: Machine) -> None:
+    skylake = profile("skylake-igd").image
+    machine.gpu(with_ats(skylake, enabled=True))
+    ats = machine.doctor()["ats"]
+    assert ats.severity == "warning"
+    assert "ATS is enabled on the host" in ats.found and "translated requests" in ats.found
+    assert "pci=noats" in ats.fix
+
+
+def test_ats_present_but_disabled_is_fine(machine: Machine) -> None:
+    machine.gpu(with_ats(profile("skylake-igd").image, enabled=False))
+    ats = machine.doctor()["ats"]
+    assert ats.severity == "ok" and "disabled on the host" in ats.found
+
+
+def test_a_root_port_without_acs_is_a_warning(tmp_path: Path) -> None:
+    machine = Machine(tmp_path, acs=None)
+    machine.gpu()
+    acs = machine.doctor()["acs"]
+    assert acs.severity == "warning"
+    assert acs.found == f"peer-to-peer can bypass the IOMMU: {PORT} (root port) has no ACS capability"
+    assert "same guest" in acs.fix
+
+
+def test_acs_controls_that_are_off_are_named(tmp_path: Path) -> None:
+    machine = Machine(tmp_path, acs=0x01)  # Source Validation only
+    machine.gpu()
+    assert machine.doctor()["acs"].found.endswith(f"{PORT} (root port) has ACS RR CR UF off")
+
+
+def test_acs_controls_a_port_does_not_implement_count_as_on(tmp_path: Path) -> None:
+    machine = Machine(tmp_path)
+    machine.sysfs.add("0000:00:02.0", root_port(0x01, acs_capability=0x01), driver="pcieport", group=2)
+    machine.sysfs.add("0000:02:00.0", H100, parent="0000:00:02.0", driver="vfio-pci", group=13)
+    assert machine.doctor("0000:02:00.0")["acs"].severity == "ok"
+
+
+def test_a_function_on_the_root_bus_has_no_port_to_check(machine: Machine) -> None:
+    machine.sysfs.add("0000:00:04.0", H100, driver="vfio-pci", group=4)
+    acs = machine.doctor("0000:00:04.0")["acs"]
+    assert acs.severity == "ok" and "root bus" in acs.found
+
+
+def test_no_reset_method_is_an_error_naming_reset_none(machine: Machine) -> None:
+    machine.gpu(profile("gm965-igd").image, reset_method=None)
+    reset = machine.doctor()["reset"]
+    assert reset.severity == "error"
+    assert "no reset method" in reset.found and "quarantines it" in reset.found
+    assert 'reset = "none"' in reset.fix
+
+
+def test_an_empty_reset_method_list_is_no_reset_method(machine: Machine) -> None:
+    machine.gpu(reset_method="")
+    assert machine.doctor()["reset"].severity == "error"
+
+
+def test_an_older_kernel_without_reset_method_names_flr_from_the_device_capabilities(
+    machine: Machine,
+) -> None:
+    device = machine.gpu(reset_method=None)
+    (device / "reset").write_text("")
+    reset = machine.doctor()["reset"]
+    assert reset.severity == "ok" and reset.found.startswith("flr (from PCIe Device Capabilities")
+
+
+def test_an_older_kernel_that_can_reset_without_saying_how(machine: Machine) -> None:
+    device = machine.gpu(profile("gm965-igd").image, reset_method=None)
+    (device / "reset").write_text("")
+    assert machine.doctor()["reset"] == Finding(
+        "ok", "reset", "the kernel can reset it (this kernel does not say how)"
+    )
+
+
+def test_flr_in_the_config_space_alone_is_no_reset_method(machine: Machine) -> None:
+    machine.gpu(reset_method=None)  # the kernel shows no reset file: it will not do that FLR
+    assert machine.doctor()["reset"].severity == "error"
+
+
+def test_a_missing_rom_is_fine(machine: Machine) -> None:
+    machine.gpu(rom=None)
+    assert machine.doctor()["rom"] == Finding("ok", "rom", "no ROM")
+
+
+def test_an_invalid_rom_is_an_error_since_the_hand_off_would_quarantine(machine: Machine) -> None:
+    machine.gpu(rom=bytes(0x20000))
+    rom = machine.doctor()["rom"]
+    assert rom.severity == "error"
+    assert "no 0x55AA signature" in rom.found and "quarantine" in rom.found
+
+
+def test_a_rom_for_another_vendor_is_invalid(machine: Machine) -> None:
+    machine.gpu(rom=build_rom(Identity.of(profile("skylake-igd").image), 0x10000))
+    rom = machine.doctor()["rom"]
+    assert rom.severity == "error" and "image 0 is for vendor 8086, the device is 10de" in rom.found
+
+
+def test_the_rom_of_a_suspended_function_is_read_awake(
+    machine: Machine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device = machine.gpu()
+    (device / "power").mkdir()
+    (device / "power/runtime_status").write_text("suspended\n")
+    (device / "power/control").write_text("auto\n")
+    read_bytes, control_while_read = Path.read_bytes, []
+
+    def watched(path: Path) -> bytes:
+        if path.name == "rom":
+            control_while_read.append((path.parent / "power/control").read_text())
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", watched)
+    assert machine.doctor()["rom"].severity == "ok"
+    assert control_while_read == ["on"] and (device / "power/control").read_text() == "auto"
+
+
+def test_an_unreadable_rom_is_a_warning_with_the_reason(machine: Machine) -> None:
+    device = machine.gpu(rom=None)
+    (device / "rom").mkdir()
+    rom = machine.doctor()["rom"]
+    assert rom.severity == "warning"
+    assert rom.found == "the expansion ROM cannot be read: Is a directory (EISDIR)"
+    assert rom.fix.startswith("none needed unless the guest needs the ROM")
+
+
+def test_memlock_below_the_guest_ram_without_cap_ipc_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    machine = Machine(tmp_path, cap_eff=0)
+    machine.gpu()
+    monkeypatch.setattr(resource, "getrlimit", lambda _which: (8 << 20, 8 << 20))
+    memlock = machine.doctor(guest_ram=64 << 30)["memlock"]
+    assert memlock.severity == "warning"
+    assert "RLIMIT_MEMLOCK 8M" in memlock.found and "below the guest's 64G" in memlock.found
+    assert "LimitMEMLOCK=" in memlock.fix and "CAP_IPC_LOCK" in memlock.fix
+    assert machine.doctor(guest_ram=4 << 20)["memlock"].severity == "ok"
+    assert machine.doctor()["memlock"].found.startswith("RLIMIT_MEMLOCK 8M")
+
+
+def test_the_vfio_api_the_daemon_will_use(machine: Machine) -> None:
+    device = machine.gpu()
+    assert "/dev/vfio/vfio and " in machine.doctor()["vfio-api"].found
+    (device / "vfio-dev/vfio0").mkdir(parents=True)
+    fake_dev(machine.dev, "iommu", "vfio/devices/vfio0")
+    assert machine.doctor()["vfio-api"].found.endswith(
+        "vfio0 and " + str(machine.dev / "iommu") + ": the daemon uses iommufd"
+    )
+    for node in ("iommu", "vfio/devices/vfio0", "vfio/vfio", "vfio/12"):
+        (machine.dev / node).unlink()
+    missing = machine.doctor()["vfio-api"]
+    assert missing.severity == "error" and missing.fix.startswith("modprobe vfio-pci")
+
+
+def test_without_root_the_checks_that_need_capabilities_say_so(machine: Machine) -> None:
+    machine.gpu(H100[:64])
+    findings = machine.doctor()
+    assert findings["function"].found.startswith(f"{GPU} 10de:2330")
+    assert findings["ats"].severity == "warning" and findings["ats"].fix == "run doctor as root"
+
+
+@pytest.mark.parametrize(
+    ("bdf", "message"), [("3b:00", "is not a PCI address"), ("0000:5e:00.0", "no PCI device 0000:5e:00.0")]
+)
+def test_a_function_that_is_not_there_stops_the_checks(machine: Machine, bdf: str, message: str) -> None:
+    findings = doctor(bdf, machine.sysfs.root, proc=machine.proc, dev=machine.dev)
+    assert len(findings) == 1 and findings[0].severity == "error" and message in findings[0].found
+
+
+def test_devices_lists_the_candidates_with_their_group_and_quirks(machine: Machine) -> None:
+    machine.gpu()
+    machine.sysfs.add(AUDIO, H100, parent=PORT, driver="snd_hda_intel", group=12)
+    machine.sysfs.add("0000:00:02.0", profile("gm965-igd").image, driver="i915")  # display, no group
+    machine.sysfs.add("0000:00:00.0", profile("rs690-hostbridge").image)  # neither: left out
+    found = {d.bdf: d for d in list_devices(machine.sysfs.root)}
+    assert sorted(found) == [PORT, "0000:00:02.0", GPU, AUDIO]
+    gpu = found[GPU]
+    assert (gpu.driver, gpu.iommu_group, gpu.group_viable) == ("vfio-pci", 12, False)
+    assert gpu.group_members == ((GPU, "vfio-pci"), (AUDIO, "snd_hda_intel"))
+    assert gpu.group_blockers == ((AUDIO, "snd_hda_intel"),)
+    assert "nvidia/config-mirrors" in gpu.quirks and "nvidia/nvlink-topology" in gpu.quirks
+    assert not [q for q in gpu.quirks if q.startswith(("baseline/", "security/"))]
+    assert found[PORT].group_viable and found[PORT].quirks == ()
+    assert found["0000:00:02.0"].iommu_group is None and not found["0000:00:02.0"].group_viable
+
+
+def test_devices_on_a_machine_without_pci(tmp_path: Path) -> None:
+    assert list_devices(tmp_path) == []
+
+
+# the commands
+
+
+def run(*argv: str | Path) -> int:
+    """The `vfio-mediator` command itself, in this process."""
+    return main([str(a) for a in argv])
+
+
+def doctor_args(machine: Machine, *extra: str) -> list[str | Path]:
+    trees = {"--sysfs": machine.sysfs.root, "--proc": machine.proc, "--dev": machine.dev}
+    return ["doctor", "--device", GPU, *[part for pair in trees.items() for part in pair], *extra]
+
+
+def test_doctor_prints_one_line_per_check_and_exits_1_on_an_error(
+    machine: Machine, capsys: pytest.CaptureFixture[str]
+) -> None:
+    machine.gpu(driver="nvidia")
+    assert run(*doctor_args(machine)) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"ok       function  {GPU} 10de:2330")
+    assert lines[1] == "error    driver    bound to nvidia, not vfio-pci: the daemon refuses the function"
+    assert lines[2].startswith("         fix: modprobe vfio-pci; echo vfio-pci > ")
+    assert [line.split()[1] for line in lines if not line.startswith(" ")] == [
+        "function",
+        "driver",
+        "iommu",
+        "vfio-api",
+        "reset",
+        "rom",
+        "ats",
+        "acs",
+        "memlock",
+    ]
+
+
+def test_warnings_do_not_fail_doctor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    machine = Machine(tmp_path, acs=None)
+    machine.gpu()
+    assert run(*doctor_args(machine, "--guest-ram", "64G")) == 0
+    out = capsys.readouterr().out
+    assert f"warning  acs       peer-to-peer can bypass the IOMMU: {PORT} (root port)" in out
+    assert "         fix: enable ACS on those ports" in out
+
+
+def test_doctor_json(machine: Machine, capsys: pytest.CaptureFixture[str]) -> None:
+    machine.gpu(rom=bytes(16))
+    assert run(*doctor_args(machine, "--json")) == 1
+    document = json.loads(capsys.readouterr().out)
+    assert document["device"] == GPU and document["errors"] == 1
+    rom = next(f for f in document["findings"] if f["check"] == "rom")
+    assert rom["severity"] == "error" and rom["fix"].startswith("restore the vendor's firmware")
+
+
+def test_devices_text_and_json(machine: Machine, capsys: pytest.CaptureFixture[str]) -> None:
+    machine.gpu()
+    machine.sysfs.add(AUDIO, H100, parent=PORT, driver="snd_hda_intel", group=12)
+    assert run("devices", "--sysfs", machine.sysfs.root) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["BDF", "ID", "CLASS", "DRIVER", "IOMMU", "QUIRKS"]
+    gpu = next(line for line in lines if line.startswith(GPU))
+    assert gpu.split()[:6] == [GPU, "10de:2330", "030200", "vfio-pci", "group", "12"]
+    assert "NOT viable" in gpu and "nvidia/config-mirrors" in gpu
+    assert f"group 12 also holds {AUDIO} (snd_hda_intel)" in lines[lines.index(gpu) + 1]
+    assert run("devices", "--json", "--sysfs", machine.sysfs.root) == 0
+    listed = {d["bdf"]: d for d in json.loads(capsys.readouterr().out)}
+    assert listed[GPU]["group_blockers"] == [{"bdf": AUDIO, "driver": "snd_hda_intel"}]
+    assert listed[GPU]["vendor"] == "10de" and listed[GPU]["class"] == "030200"
+
+
+@pytest.mark.parametrize(
+    ("text", "size"), [("64G", 64 << 30), ("512MiB", 512 << 20), ("4096", 4096), ("1t", 1 << 40)]
+)
+def test_guest_ram_sizes(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+def test_a_bad_guest_ram_size_is_a_usage_error(machine: Machine, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as usage:
+        run(*doctor_args(machine, "--guest-ram", "lots"))
+    assert usage.value.code == 2
+    assert "'lots' is not a size" in capsys.readouterr().err
