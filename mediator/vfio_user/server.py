@@ -89,6 +89,7 @@ class Peer:
     gids: frozenset[int]  # primary and supplementary
 
 
+ACCEPT_BACKOFF = 0.1  # seconds before accepting again after accept() failed
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13; not in every Python build
 CREDENTIALS = struct.Struct("3i")
 
@@ -133,8 +134,19 @@ class DeviceServer:
                     client, _ = listener.accept()
                 except BlockingIOError:
                     continue
+                except OSError as e:  # out of fds, or the like: this device waits, the others go on
+                    log.error("cannot accept a client", device=self.name, why=str(e))
+                    await trio.sleep(ACCEPT_BACKOFF)
+                    continue
                 number = next(self._counter)
-                peer = peer_of(client)
+                try:
+                    peer = peer_of(client)
+                except OSError as e:
+                    log.warning(
+                        "a client went before its credentials could be read", device=self.name, why=str(e)
+                    )
+                    client.close()
+                    continue
                 if not self.lifecycle.allows(peer):
                     self.refused += 1
                     self.metrics.client_refused("credentials")
@@ -169,7 +181,10 @@ class DeviceServer:
                     self.sessions += 1
                     await trio.to_thread.run_sync(self._run, client, number, peer)
                 nursery.cancel_scope.cancel()
+        except Exception:  # a bug in one session must not stop this device's or another's serving
+            log.exception("the session failed", device=self.name, client=number)
         finally:
+            self._live = False
             client.close()
 
     def _run(self, client: socket.socket, number: int, peer: Peer) -> None:
