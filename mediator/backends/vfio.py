@@ -77,6 +77,15 @@ def _advice(errno_value: int, operation: str) -> str:
     return ""
 
 
+def _udev_match(path: Path) -> str:
+    """The udev match for a VFIO node: the group nodes, the device cdevs and /dev/iommu differ."""
+    if path.name == "iommu":
+        return 'SUBSYSTEM=="misc", KERNEL=="iommu"'
+    if path.parent.name == "devices":
+        return 'SUBSYSTEM=="vfio-dev"'
+    return 'SUBSYSTEM=="vfio"'
+
+
 def _bdf(segment: int, bus: int, devfn: int) -> str:
     return f"{segment:04x}:{bus:02x}:{devfn >> 3:02x}.{devfn & 7}"
 
@@ -136,7 +145,7 @@ class VfioDevice:
                 f"opening {path} ({purpose})",
                 errno.EACCES,
                 f"Let the daemon's user open {path}: run it as root, or add a udev rule such as "
-                f'SUBSYSTEM=="vfio", GROUP="kvm", MODE="0660" and run it in that group',
+                f'{_udev_match(path)}, GROUP="kvm", MODE="0660" and run it in that group',
             ) from None
         except OSError as e:
             raise VfioError(
@@ -207,7 +216,19 @@ class VfioDevice:
             "struct vfio_device_bind_iommufd *",
             {"argsz": ffi.sizeof("struct vfio_device_bind_iommufd"), "iommufd": iommufd},
         )
-        self._ioctl(device, lib.VFIO_DEVICE_BIND_IOMMUFD, bind, "VFIO_DEVICE_BIND_IOMMUFD")
+        try:
+            self._ioctl(device, lib.VFIO_DEVICE_BIND_IOMMUFD, bind, "VFIO_DEVICE_BIND_IOMMUFD")
+        except VfioError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            # A cdev opens any number of times but binds once: while another fd (another
+            # daemon, a VMM) has the device, the kernel answers EINVAL where the group gives EBUSY.
+            raise VfioError(
+                self.name,
+                "VFIO_DEVICE_BIND_IOMMUFD",
+                errno.EBUSY,
+                _advice(errno.EBUSY, "") + " (the kernel answers EINVAL: the device is already bound)",
+            ) from None
         ioas = ffi.new("struct iommu_ioas_alloc *", {"size": ffi.sizeof("struct iommu_ioas_alloc")})
         self._ioctl(iommufd, lib.IOMMU_IOAS_ALLOC, ioas, "IOMMU_IOAS_ALLOC")
         self._ioas = ioas.out_ioas_id

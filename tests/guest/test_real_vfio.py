@@ -100,6 +100,7 @@ def results() -> dict[str, dict[str, Any]]:
 
 CHECKS = [
     "unbound",
+    "vfio-api",
     "policy-on-real-devices",
     "edu-session",
     "handoff",

@@ -174,6 +174,20 @@ def main() -> None:
     for bdf in bdfs.values():
         bind_to_vfio(bdf)
 
+    @checked("vfio-api")
+    def _() -> dict[str, object]:
+        # Which VFIO API the backend took: iommufd when the kernel offers the device cdev, else the group.
+        sources = {}
+        for kind, bdf in bdfs.items():
+            inspected = subprocess.run(
+                [*PYTHON, "inspect", "--json", "--device", bdf], capture_output=True, text=True, check=True
+            )
+            sources[kind] = json.loads(inspected.stdout)["source"]
+        cdevs = sorted(p.name for p in Path("/dev/vfio/devices").glob("vfio*"))
+        expected = "iommufd" if cdevs and Path("/dev/iommu").exists() else "group"
+        assert all(source.endswith(f"({expected})") for source in sources.values()), (cdevs, sources)
+        return {"cdevs": cdevs, "sources": sources}
+
     @checked("policy-on-real-devices")
     def _() -> dict[str, object]:
         seen = {}
@@ -331,7 +345,10 @@ def main() -> None:
 
     @checked("eacces")
     def _() -> dict[str, object]:
-        node = Path("/dev/vfio") / str(find_function(edu).iommu_group)
+        function = find_function(edu)
+        # the node the backend opens first: the device cdev with iommufd, else the group
+        cdev = function.vfio_cdev and Path("/dev/iommu").exists()
+        node = Path("/dev/vfio") / ("devices/" + function.vfio_cdev if cdev else str(function.iommu_group))
         node.chmod(0)
         try:
             rc, message = refused(edu, ("setpriv", "--bounding-set=-all", "--inh-caps=-all"))
@@ -356,7 +373,17 @@ def main() -> None:
 
     @checked("enotty")
     def _() -> dict[str, object]:
-        device = VfioDevice(find_function(edu))
+        function = find_function(edu)
+        if function.vfio_cdev and Path("/dev/iommu").exists():
+            # A cdev kernel implements the ioctl (on a group fd it is EINVAL): check both APIs open instead.
+            apis = {}
+            for prefer_cdev in (True, False):
+                opened = VfioDevice(function, prefer_cdev=prefer_cdev)
+                apis[opened.api] = hex(opened.info.flags)
+                opened.close()
+            assert list(apis) == ["iommufd", "group"], apis
+            return {"api": "iommufd", "cdev": function.vfio_cdev, "device_flags": apis}
+        device = VfioDevice(function)
         try:
             bind = ffi.new("struct vfio_device_bind_iommufd *", {"argsz": 16, "iommufd": -1})
             try:
