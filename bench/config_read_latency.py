@@ -50,7 +50,9 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--profile", default="h100-sxm5")
     parser.add_argument("--cpu", default="0")
-    parser.add_argument("--offset", default="0", help="config offset to read (default 0: vendor and device ID)")
+    parser.add_argument(
+        "--offset", default="0", help="config offset to read (default 0: vendor and device ID)"
+    )
     args = parser.parse_args()
     if not shutil.which("taskset") or not shutil.which("gcc"):
         raise SystemExit("needs taskset (util-linux) and gcc")
@@ -60,8 +62,19 @@ def main() -> int:
         pingpong, client = build(tools)
         sock = tools / "device.sock"
         daemon = subprocess.Popen(
-            [*pin, sys.executable, "-m", "mediator", "serve", "--profile", args.profile,
-             "--socket", str(sock), "--log-level", "warning"],
+            [
+                *pin,
+                sys.executable,
+                "-m",
+                "mediator",
+                "serve",
+                "--profile",
+                args.profile,
+                "--socket",
+                str(sock),
+                "--log-level",
+                "warning",
+            ],
         )
         try:
             for _ in range(200):
@@ -72,10 +85,14 @@ def main() -> int:
                 raise SystemExit("the daemon did not create its socket")
             floors, p50s, p99s = [], [], []
             for round_number in range(1, args.rounds + 1):
-                floor = subprocess.run([*pin, str(pingpong), str(args.requests)], capture_output=True, text=True, check=True)
+                floor = subprocess.run(
+                    [*pin, str(pingpong), str(args.requests)], capture_output=True, text=True, check=True
+                )
                 served = subprocess.run(
                     [*pin, str(client), str(sock), str(args.requests), "7", args.offset, "4"],
-                    capture_output=True, text=True, check=True,
+                    capture_output=True,
+                    text=True,
+                    check=True,
                 )
                 floors.append(number(r"mean_us=([\d.]+)", floor.stdout))
                 p50s.append(number(r"p50_us=([\d.]+)", served.stdout))
@@ -89,7 +106,8 @@ def main() -> int:
             daemon.wait(timeout=10)
     floor, p50, p99 = statistics.median(floors), statistics.median(p50s), statistics.median(p99s)
     print(
-        f"median over {args.rounds} rounds of {args.requests} requests (profile {args.profile}, CPU {args.cpu}, "
+        f"median over {args.rounds} rounds of {args.requests} requests "
+        f"(profile {args.profile}, CPU {args.cpu}, "
         f"{os.cpu_count()} CPUs): floor {floor:.2f} us, p50 {p50:.2f} us, p99 {p99:.2f} us, "
         f"p50/floor {p50 / floor:.2f}, p99/floor {p99 / floor:.2f}"
     )

@@ -286,7 +286,7 @@ class Connection:
             return {}
         try:
             parsed = json.loads(text)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nesting too deep
             raise CommandError(errno.EINVAL, "VERSION capabilities are not JSON") from None
         capabilities = parsed.get("capabilities", {}) if isinstance(parsed, dict) else None
         if not isinstance(capabilities, dict):

@@ -5,7 +5,8 @@ returns the reply bytes and the fds to send with them (borrowed: the sender
 must not close them). Every refusal becomes an error reply with an errno
 (``CommandError``/``DeviceError``; a failing backend is EIO);
 nothing a client sends escapes as an exception. Each handler checks its
-payload length and ``argsz`` before it reads a field.
+payload length and ``argsz`` before it reads a field. The client's fds are
+input too: interrupt fds must be eventfds and are made non-blocking.
 
 What is served, in vfio-pci's terms: a PCI device with reset, nine regions
 (BAR0-5, ROM, config, VGA) of power-of-two sizes with mmappable areas handed
@@ -17,6 +18,7 @@ and writes through the quirk table's view.
 from __future__ import annotations
 
 import errno
+import os
 from collections import Counter
 from collections.abc import Callable
 from time import perf_counter
@@ -231,7 +233,8 @@ class DeviceService:
             flags |= wire.REGION_FLAG_CAPS
         cap_offset = wire.RegionInfo.sizeof() if caps else 0
         reply = wire.RegionInfo.build(dict(info, argsz=needed, flags=flags, cap_offset=cap_offset)) + caps
-        return reply, [fd_offset[0]] if fd_offset else []
+        # A posted request gets no reply, so no fd either: there would be no bytes to carry it.
+        return reply, [fd_offset[0]] if fd_offset and request.wants_reply else []
 
     def _irq_info(self, request: Request) -> Reply:
         p = _fields(wire.IrqInfo, request.payload, "DEVICE_GET_IRQ_INFO")
@@ -246,6 +249,7 @@ class DeviceService:
         data = request.payload[wire.SetIrqs.sizeof() :]
         if len(request.fds) > self.connection.limits.max_msg_fds:
             raise CommandError(errno.EINVAL, f"{len(request.fds)} fds, over max_msg_fds")
+        _check_eventfds(request.fds)
         self.device.set_irqs(
             p.index,
             p.flags,
@@ -304,6 +308,19 @@ class DeviceService:
     def _feature(self, request: Request) -> Reply:
         p = _fields(wire.DeviceFeature, request.payload, "DEVICE_FEATURE")
         raise CommandError(errno.ENOTSUP, f"device feature {p.flags & 0xFFFF} is not supported")
+
+
+def _check_eventfds(fds: list[int]) -> None:
+    """Refuse an fd that is not an eventfd, as vfio-pci does, and make each one non-blocking.
+
+    The client chose their flags: a blocking resample eventfd would stall the
+    backend that reads it (the simulator does) and with it the session, which
+    shutting the socket cannot then end.
+    """
+    for fd in fds:
+        if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:[eventfd]":
+            raise CommandError(errno.EINVAL, "an interrupt fd that is not an eventfd")
+        os.set_blocking(fd, False)
 
 
 def _sparse_mmap(areas: tuple[tuple[int, int], ...]) -> bytes:

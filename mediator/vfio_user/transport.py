@@ -4,8 +4,8 @@ The socket is blocking and one thread owns it: ``pump`` reads whatever the
 client sent with ``recvmsg`` (fds as SCM_RIGHTS, ``MSG_CTRUNC`` reported so
 the connection can refuse a message whose fds were cut), hands every whole
 request to the service in order, and sends the replies, batched into one
-write when several are ready and none carries an fd. A reply with an fd goes
-alone in its own ``sendmsg``.
+write (of at most about ``BATCH_SIZE`` bytes) when several are ready and none
+carries an fd. A reply with an fd goes alone in its own ``sendmsg``.
 
 Why a blocking socket in a thread and not trio's: on this machine kind a
 4-byte REGION_READ round trip costs the C socket floor x1.3-1.5 with a
@@ -31,6 +31,9 @@ from mediator.vfio_user.service import DeviceService
 log = structlog.get_logger("mediator.vfio_user")
 
 RECEIVE_SIZE = 1 << 17
+# Replies wait to be batched up to this many bytes: one read can hold thousands of
+# 1 MiB REGION_READs, whose replies must not all be held at once.
+BATCH_SIZE = 1 << 20
 FD_SIZE = array.array("i").itemsize
 
 
@@ -74,6 +77,7 @@ class MessageSocket:
 def pump(messages: MessageSocket, connection: Connection, service: DeviceService) -> str:
     """Serve requests until the client goes; returns why the session ended."""
     pending: list[bytes] = []
+    pending_size = 0
     next_request, handle, send = connection.next_request, service.handle, messages.send
     try:
         while True:
@@ -82,6 +86,7 @@ def pump(messages: MessageSocket, connection: Connection, service: DeviceService
                 if pending:
                     send(pending[0] if len(pending) == 1 else b"".join(pending))
                     pending.clear()
+                    pending_size = 0
                 if not messages.receive(connection):
                     return "client closed the connection"
                 continue
@@ -93,9 +98,15 @@ def pump(messages: MessageSocket, connection: Connection, service: DeviceService
                 if pending:
                     send(b"".join(pending))
                     pending.clear()
+                    pending_size = 0
                 send(reply, fds)
             elif reply:
                 pending.append(reply)
+                pending_size += len(reply)
+                if pending_size >= BATCH_SIZE:
+                    send(b"".join(pending))
+                    pending.clear()
+                    pending_size = 0
     except ProtocolError as e:
         log.warning("dropping client: the stream cannot be trusted", why=str(e))
         return f"protocol error: {e}"
