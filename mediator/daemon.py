@@ -153,23 +153,36 @@ class ManagedDevice:
             # Released by an operator, or a protection failed: start again.
             if self.device.blocked and not self._hand_off("before serving a blocked device").ok:
                 return self.device, self.device.blocked
+            # Recorded first: a daemon that dies with this client must hand the device off at its next start.
+            try:
+                self._daemon.state.session_started(self.spec.name, {"tenant": self.spec.tenant})
+            except OSError as e:
+                why = (
+                    f"the session cannot be recorded in the state directory ({e}): "
+                    "a restart could not recover the device"
+                )
+                log.error("client refused", why=why)
+                return self.device, why
             fabric = self._daemon.fabric
             if fabric is not None:
                 try:
                     fabric.acquire(self.spec.name)
                 except FabricError as e:
                     audit_log.error("fabric partition refused", why=str(e))
+                    self._daemon.state.session_ended(self.spec.name)
                     return self.device, str(e)
             self._admitted = True
-            self._daemon.state.session_started(self.spec.name, {"tenant": self.spec.tenant})
             return self.device, None
 
-    def release(self) -> None:
+    def release(self, requests: int) -> None:
         with self._lock:
             if not self._admitted:
                 return
             self._admitted = False
-            self._hand_off("client gone")
+            fabric = self._daemon.fabric
+            if requests or (fabric is not None and fabric.holds(self.spec.name)):
+                self._hand_off("client gone")
+            # else it never spoke and holds no partition: the device is as it was.
             self._daemon.state.session_ended(self.spec.name)
             if self._pending is not None:
                 self._adopt(*self._pending)

@@ -129,6 +129,11 @@ class Fabric:
             self._held[device] = partition
         return done
 
+    def holds(self, device: str) -> bool:
+        """Whether ``device`` has a client in an active partition."""
+        with self._lock:
+            return device in self._held
+
     def release(self, device: str) -> str:
         """The device's client is gone and the device reset: deactivate when it was the last one."""
         with self._lock:

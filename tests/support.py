@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -118,6 +119,7 @@ class DaemonProcess:
         os.close(write_end)
         self._stream = os.fdopen(read_end, encoding="utf-8", errors="replace")
         self.lines: list[str] = []
+        self.counts: collections.Counter[str] = collections.Counter()  # JSON events by name, as they come
         self._changed = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -130,8 +132,11 @@ class DaemonProcess:
 
     def _read(self) -> None:
         for line in self._stream:
+            event = _event_name(line)
             with self._changed:
                 self.lines.append(line)
+                if event:
+                    self.counts[event] += 1
                 self._changed.notify_all()
         with self._changed:
             self._changed.notify_all()
@@ -185,6 +190,17 @@ class DaemonProcess:
             self.stop()
 
 
+def _event_name(line: str) -> str | None:
+    start = line.find("{")
+    if start < 0:
+        return None
+    try:
+        event = json.loads(line[start:]).get("event")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return event if isinstance(event, str) else None
+
+
 def _is_serving(line: str) -> bool:
     return "event='serving'" in line or '"event": "serving"' in line
 
@@ -216,3 +232,25 @@ class StandIn:
 
     def succeed(self, action: str) -> None:
         (self.folder / f"fail-{action}").unlink(missing_ok=True)
+
+
+def scrape(path: Path) -> str:
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(10)
+        client.connect(str(path))
+        client.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        response = b""
+        while chunk := client.recv(65536):
+            response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200"), head
+    return body.decode()
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    series = f"{name}{{{wanted}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name}{{{wanted}}} in the metrics")

@@ -31,6 +31,12 @@ A profile is a TOML file::
 
     resets = ["function", "bus"]            # reset methods: an FLR, a bus reset (alone on its bus)
 
+    [faults]                                # misbehaving hardware, for fault-injection tests
+    reset_seconds = 6.0                     # every reset takes this long
+    reset_fails = true                      # every reset fails with EIO
+    config_read_eio = [0x40]                # guest-sized config reads (<= 8 bytes) covering these fail
+    dma_map_fails = true                    # every DMA map fails
+
     [[behaviours]]                          # what the simulated hardware does
     kind = "config-mirror"                  # BAR window that reads/writes the real config space
     bar = 0
@@ -127,6 +133,24 @@ class BehaviourSpec(Struct, forbid_unknown_fields=True, frozen=True):
 BEHAVIOUR_SIZES = {"irq-doorbell": 4, "dma-engine": 0x20, "sticky-bits": 4}
 
 
+class FaultSpec(Struct, forbid_unknown_fields=True, frozen=True):
+    """Hardware that misbehaves, for fault-injection tests."""
+
+    reset_seconds: Annotated[float, Meta(ge=0, le=600)] = 0.0  # every reset takes this long
+    reset_fails: bool = False  # every reset fails with EIO
+    # Offsets whose guest-sized (<= 8 byte) config reads fail with EIO.
+    config_read_eio: list[Annotated[int, Meta(ge=0, le=0xFFF)]] = field(default_factory=list)
+    dma_map_fails: bool = False  # every DMA map fails (as a full IOMMU answers)
+
+
+@dataclass(frozen=True)
+class Faults:
+    reset_seconds: float = 0.0
+    reset_fails: bool = False
+    config_read_eio: frozenset[int] = frozenset()
+    dma_map_fails: bool = False
+
+
 class ProfileSpec(Struct, forbid_unknown_fields=True, frozen=True):
     config: ConfigSpec
     name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)] | None = None
@@ -137,6 +161,7 @@ class ProfileSpec(Struct, forbid_unknown_fields=True, frozen=True):
     irqs: IrqSpec = field(default_factory=IrqSpec)
     behaviours: list[BehaviourSpec] = field(default_factory=list)
     resets: list[Literal["function", "bus"]] = field(default_factory=lambda: ["function", "bus"])
+    faults: FaultSpec = field(default_factory=FaultSpec)
 
 
 @dataclass(frozen=True)
@@ -161,6 +186,7 @@ class Profile:
     behaviours: tuple[Behaviour, ...]
     rom_contents: str = "image"  # "image": a valid expansion ROM for the device; "blank": zeros
     resets: frozenset[str] = frozenset({"function", "bus"})  # the reset methods the hardware has
+    faults: Faults = Faults()
 
 
 def _dump(spec: ConfigSpec, folder: Path, source: str) -> DumpedFunction:
@@ -293,6 +319,12 @@ def load_profile(path: Path, source: str | None = None) -> Profile:
         rom_size=spec.rom.size if spec.rom else 0,
         rom_contents=spec.rom.contents if spec.rom else "image",
         resets=frozenset(spec.resets),
+        faults=Faults(
+            spec.faults.reset_seconds,
+            spec.faults.reset_fails,
+            frozenset(spec.faults.config_read_eio),
+            spec.faults.dma_map_fails,
+        ),
         irqs=irqs,
         behaviours=behaviours,
     )

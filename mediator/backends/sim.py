@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import time
 from collections import deque
 from collections.abc import Sequence
 
@@ -82,6 +83,10 @@ class _IrqLine:
         self.pending = False
 
 
+class SimulatedFault(BackendError):
+    """A failure the profile's ``[faults]`` asked for."""
+
+
 class SimBackend:
     def __init__(self, profile: Profile) -> None:
         self.profile = profile
@@ -113,6 +118,11 @@ class SimBackend:
     def read_config(self, offset: int, length: int) -> bytes:
         if offset < 0 or length <= 0 or offset + length > self.config_size:
             self._check_config(offset, length)
+        # Guest-sized reads only: the daemon's whole-space snapshots still work, as on a
+        # device whose registers fail one by one.
+        failing = self.profile.faults.config_read_eio
+        if failing and length <= 8 and any(offset <= at < offset + length for at in failing):
+            raise SimulatedFault(f"config read at {offset:#x}: Input/output error (injected)")
         return bytes(self.config[offset : offset + length])
 
     def write_config(self, offset: int, data: bytes) -> None:
@@ -321,6 +331,8 @@ class SimBackend:
 
     def dma_map(self, mapping: DmaMapping) -> None:
         """The simulator reaches guest memory through the table; nothing to program."""
+        if self.profile.faults.dma_map_fails:
+            raise SimulatedFault("DMA map: Input/output error (injected)")
 
     def dma_unmap(self, mapping: DmaMapping) -> None:
         """See ``dma_map``."""
@@ -335,6 +347,11 @@ class SimBackend:
 
     def reset(self) -> None:
         """A function-level reset: config registers and sticky bits return to their power-on values."""
+        faults = self.profile.faults
+        if faults.reset_seconds:
+            time.sleep(faults.reset_seconds)
+        if faults.reset_fails:
+            raise SimulatedFault("reset: Input/output error (injected)")
         self.config[:] = self.profile.image
         for behaviour in self.profile.behaviours:
             if behaviour.kind == "sticky-bits":

@@ -3,8 +3,8 @@
 Each listening socket serves one client at a time. A client whose
 credentials (SO_PEERCRED, SO_PEERGROUPS) the device's ``Lifecycle`` does not
 allow is closed at once and logged; so is a second client while the first
-keeps its session. A client that comes while the last one's device is
-being handed off waits for the hand-off. Each session runs the blocking message pump
+keeps its session. A client that comes once the last one has hung up (its
+session ending, its device being handed off) waits for its turn. Each session runs the blocking message pump
 (``transport``) in a worker thread, between the lifecycle's hooks: ``admit``
 gives the device this client gets (a reload swaps it between clients, never
 under one) and whether it may be served at all (quarantine, fabric
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import select
 import socket
 import stat
 import struct
@@ -28,6 +29,7 @@ from typing import Protocol
 import structlog
 import trio
 
+from mediator.audit import RateLimiter
 from mediator.metrics import DeviceMetrics
 from mediator.vfio_user.connection import Connection, Limits
 from mediator.vfio_user.service import DeviceService
@@ -58,7 +60,7 @@ def bind_unix(path: Path) -> socket.socket:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         listener.bind(str(path))
-        listener.listen(4)
+        listener.listen(LISTEN_BACKLOG)
         listener.setblocking(False)
     except OSError:
         listener.close()
@@ -77,8 +79,8 @@ class Lifecycle(Protocol):
         """The device this client gets, and why it must be refused (every request gets EPERM) or None."""
         ...
 
-    def release(self) -> None:
-        """The client has gone: make the device ready for the next one."""
+    def release(self, requests: int) -> None:
+        """The client has gone after ``requests`` requests: make the device ready for the next one."""
         ...
 
 
@@ -90,6 +92,8 @@ class Peer:
 
 
 ACCEPT_BACKOFF = 0.1  # seconds before accepting again after accept() failed
+# Room for clients that connect while one is served: they are refused or wait for the hand-off.
+LISTEN_BACKLOG = 64
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13; not in every Python build
 CREDENTIALS = struct.Struct("3i")
 
@@ -121,8 +125,12 @@ class DeviceServer:
         # device is handed off, a third is refused.
         self._turn = trio.Lock()
         self._live = False
+        self._live_socket: socket.socket | None = None
         self._waiting = False
         self._counter = itertools.count(1)
+        self._refusals_logged = RateLimiter()
+        # The connection stays queued and is retried every ACCEPT_BACKOFF: a line a minute says it all.
+        self._accept_errors_logged = RateLimiter(rate=1 / 60, burst=3)
 
     async def serve(self, listener: socket.socket) -> None:
         """Accept clients until cancelled."""
@@ -135,7 +143,9 @@ class DeviceServer:
                 except BlockingIOError:
                     continue
                 except OSError as e:  # out of fds, or the like: this device waits, the others go on
-                    log.error("cannot accept a client", device=self.name, why=str(e))
+                    dropped = self._accept_errors_logged.allow()
+                    if dropped is not None:
+                        log.error("cannot accept a client", device=self.name, why=str(e), suppressed=dropped)
                     await trio.sleep(ACCEPT_BACKOFF)
                     continue
                 number = next(self._counter)
@@ -148,43 +158,58 @@ class DeviceServer:
                     client.close()
                     continue
                 if not self.lifecycle.allows(peer):
-                    self.refused += 1
                     self.metrics.client_refused("credentials")
-                    log.warning(
+                    self._refuse(
+                        client,
                         "refused a client: its user and groups may not use this device",
-                        device=self.name,
                         client=number,
                         pid=peer.pid,
                         uid=peer.uid,
                         gids=sorted(peer.gids),
                         audit=True,
                     )
-                    client.close()
                     continue
-                if self._live or self._waiting:
-                    self.refused += 1
+                if self._waiting or (self._live and not self._live_client_hung_up()):
                     self.metrics.client_refused("busy")
-                    log.warning(
-                        "refused a second client: the device has one", device=self.name, client=number
-                    )
-                    client.close()
+                    self._refuse(client, "refused a second client: the device has one", client=number)
                     continue
                 self._waiting = self._turn.locked()
                 nursery.start_soon(self._session, client, number, peer)
+
+    def _refuse(self, connection: socket.socket, why: str, **fields: object) -> None:
+        """Close a refused connection, logged through a rate limit: a local flood must not fill a journal."""
+        self.refused += 1
+        connection.close()
+        dropped = self._refusals_logged.allow()
+        if dropped is not None:
+            log.warning(why, device=self.name, **fields, **({"suppressed": dropped} if dropped else {}))
+
+    def _live_client_hung_up(self) -> bool:
+        """Whether the served client has already closed its end (its session is about to end)."""
+        live = self._live_socket
+        if live is None:
+            return True
+        poller = select.poll()
+        try:
+            poller.register(live, select.POLLRDHUP)
+        except (OSError, ValueError):  # closed under us: it is gone
+            return True
+        return any(events & (select.POLLRDHUP | select.POLLHUP) for _, events in poller.poll(0))
 
     async def _session(self, client: socket.socket, number: int, peer: Peer) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_shut_on_cancel, client)
                 async with self._turn:
-                    self._waiting, self._live = False, True
+                    self._waiting, self._live, self._live_socket = False, True, client
                     self.sessions += 1
                     await trio.to_thread.run_sync(self._run, client, number, peer)
                 nursery.cancel_scope.cancel()
         except Exception:  # a bug in one session must not stop this device's or another's serving
             log.exception("the session failed", device=self.name, client=number)
         finally:
-            self._live = False
+            if self._live_socket is client:
+                self._live, self._live_socket = False, None
             client.close()
 
     def _run(self, client: socket.socket, number: int, peer: Peer) -> None:
@@ -204,7 +229,7 @@ class DeviceServer:
             self.metrics.client_gone()
             log.info("client gone", why=why, requests=service.handled)
             try:
-                self.lifecycle.release()
+                self.lifecycle.release(service.handled)
             except Exception:  # the daemon and its other devices keep going
                 log.exception("releasing the device after the client failed")
                 device.block("releasing the device after its last client failed; see the log")

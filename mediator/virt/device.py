@@ -25,8 +25,10 @@ replaced or the client goes (``release_client``). Every refusal is a
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import os
+import threading
 from collections.abc import Iterator, Sequence
 
 import structlog
@@ -64,6 +66,8 @@ from mediator.virt.plan import DeviceContext, DevicePlan, PostResetWrite, TrapWi
 
 log = structlog.get_logger("mediator.virt")
 
+# A guest's reset is answered within this, before QEMU gives up on the message (5 s).
+GUEST_RESET_DEADLINE = 4.0
 _PADDING = "padding"
 _DEVICE = "device"
 
@@ -82,6 +86,7 @@ class VirtualDevice:
         self.auditor = Auditor()
         # The daemon's series for this device; a device nobody exports counts into its own.
         self.metrics = metrics or DeviceMetrics(Registry(), "unexported")
+        self._straggler: threading.Thread | None = None  # a guest's reset still running past its deadline
         # Why the device must not be served (a protection that could not be
         # established, quarantine); None while it may be.
         self.blocked: str | None = None
@@ -368,6 +373,9 @@ class VirtualDevice:
         Raises:
             DeviceError: ENOTTY when the device has no reset method at all.
         """
+        straggler, self._straggler = self._straggler, None
+        if straggler is not None and straggler is not threading.current_thread():
+            straggler.join()  # a guest's reset that outlived its deadline: the hardware is still in it
         obstacle = self.backend.bus_reset_obstacle() if bus else None
         if bus and obstacle is None:
             try:
@@ -391,13 +399,47 @@ class VirtualDevice:
     def reset(self, cause: str, source: ResetCause = "guest") -> None:
         """A reset the guest (or the client, ``source``) asked for, done by the daemon.
 
-        Reset, restore the virtual state, make the post-reset writes.
+        Reset, restore the virtual state, make the post-reset writes, all
+        within ``GUEST_RESET_DEADLINE``: the client waits for the answer and
+        gives up soon after (QEMU's x-msg-timeout is 5 s). A reset still
+        running then goes on in the background with the device blocked, and
+        the next hand-off waits for it; a reset that fails blocks the device
+        too. Either way the session ends and the device is handed off.
 
         Raises:
-            DeviceError: ENOTTY when the device has no reset method; EIO when a
-                verified post-reset write did not hold (the device is then blocked).
+            DeviceError: ENOTTY (no reset method), EIO (the reset failed, or a
+                verified post-reset write did not hold), ETIMEDOUT (still resetting).
         """
-        done = self.restart()
+        finished = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self._reset_now(cause, source)
+            except BaseException as e:  # handed to the waiting caller
+                failure.append(e)
+            finally:
+                finished.set()
+
+        context = contextvars.copy_context()  # log lines keep their device and client
+        worker = threading.Thread(target=context.run, args=(run,), name=f"reset {cause}", daemon=True)
+        worker.start()
+        if not finished.wait(GUEST_RESET_DEADLINE):
+            self._straggler = worker
+            self.block(
+                f"a reset did not finish within {GUEST_RESET_DEADLINE:g} s; the device is handed off "
+                "before it is served again"
+            )
+            raise DeviceError(errno.ETIMEDOUT, self.blocked or "")
+        if failure:
+            raise failure[0]
+
+    def _reset_now(self, cause: str, source: ResetCause) -> None:
+        try:
+            done = self.restart()
+        except BackendError as e:
+            self.block(f"a reset failed ({e}); the device is handed off before it is served again")
+            raise DeviceError(errno.EIO, self.blocked or "") from None
         self.metrics.reset(source)
         audit_log.info("guest reset", cause=cause, reset=done, post_reset_writes=len(self.plan.post_reset))
         self.establish()

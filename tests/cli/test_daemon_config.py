@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mediator.vfio_user.wire import HEADER, Command
 from tests.cli.test_cli import run
-from tests.support import DaemonProcess
+from tests.support import DaemonProcess, sample, scrape
 
 BLANK_ROM_PROFILE = """
 description = "an H100 whose expansion ROM reads blank"
@@ -147,28 +147,6 @@ def test_inspect_shows_what_the_tenancy_decides(tmp_path: Path) -> None:
     gpu2 = run("inspect", "--config", path, "--device", "gpu2")
     assert gpu2.returncode == 0, gpu2.stderr
     assert "synthesize" in gpu2.stdout and "clique 9" in gpu2.stdout
-
-
-def scrape(path: Path) -> str:
-    with socket.socket(socket.AF_UNIX) as client:
-        client.settimeout(10)
-        client.connect(str(path))
-        client.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
-        response = b""
-        while chunk := client.recv(65536):
-            response += chunk
-    head, _, body = response.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.0 200"), head
-    return body.decode()
-
-
-def sample(text: str, name: str, **labels: str) -> float:
-    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    series = f"{name}{{{wanted}}}" if labels else name
-    for line in text.splitlines():
-        if line.startswith(series + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no {name}{{{wanted}}} in the metrics")
 
 
 def test_metrics_count_requests_errors_handoffs_and_state(tmp_path: Path) -> None:

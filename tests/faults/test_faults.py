@@ -1,0 +1,390 @@
+"""Faults against the whole daemon: hostile or broken clients, misbehaving hardware, signals.
+
+Each test runs `vfio-mediator serve --config` in a process with two or more
+devices, does something a client or a device should not do, and checks
+what an operator would notice: every device keeps serving, nothing leaks
+(fds, memory, DMA mappings), the errors are replies, and the one device at
+fault is blocked and handed off. The simulated hardware misbehaves through
+a profile's ``[faults]`` table.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import resource
+import signal
+import socket
+import statistics
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from mediator.vfio_user.wire import HEADER, Command
+from tests.protocol.client import Client
+from tests.support import DaemonProcess, sample, scrape
+
+PROFILES = Path(__file__).parents[2] / "mediator" / "profiles"
+CONFIG_REGION = 7
+MIRROR = 0x88000  # BAR0 window the daemon serves itself (a trapped access)
+
+
+def faulty_profile(folder: Path, faults: str) -> Path:
+    """The shipped H100 profile with a ``[faults]`` table."""
+    text = (PROFILES / "h100-sxm5.toml").read_text().replace('file = "', f'file = "{PROFILES}/')
+    path = folder / "faulty.toml"
+    path.write_text(f"{text}\n[faults]\n{faults}\n")
+    return path
+
+
+def start(folder: Path, *profiles: str, extra: str = "") -> DaemonProcess:
+    lines = ['state_directory = "state"', "[metrics]", 'socket = "metrics.sock"']
+    for i, profile in enumerate(profiles):
+        lines += ["[[device]]", f'name = "gpu{i}"', f'profile = "{profile}"', f'socket = "gpu{i}.sock"']
+    (folder / "config.toml").write_text("\n".join(lines) + "\n" + extra)
+    return DaemonProcess(
+        "--config", str(folder / "config.toml"), "--log-format", "json", devices=len(profiles)
+    )
+
+
+def raw(path: Path) -> socket.socket:
+    """A connected socket; like any client, it tries again while the daemon's backlog is full."""
+    deadline = time.monotonic() + 10
+    while True:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.settimeout(10)
+        try:
+            sock.connect(str(path))
+        except BlockingIOError:
+            sock.close()
+            assert time.monotonic() < deadline, "the daemon stopped accepting"
+            time.sleep(0.001)
+            continue
+        return sock
+
+
+@contextmanager
+def client(path: Path) -> Iterator[Client]:
+    session = Client(raw(path))
+    assert session.version().ok
+    try:
+        yield session
+    finally:
+        session.client.close()
+
+
+def fds(daemon: DaemonProcess) -> int:
+    return len(os.listdir(f"/proc/{daemon.process.pid}/fd"))
+
+
+def rss_kib(daemon: DaemonProcess) -> int:
+    for line in Path(f"/proc/{daemon.process.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def settled(daemon: DaemonProcess, folder: Path, device: str = "gpu0") -> None:
+    """Wait until every earlier connection to ``device`` has ended and been released.
+
+    A full session is accepted after every earlier connection (accept is in
+    order); once it has been handed off, the ones before it are done too.
+    """
+    while True:
+        handoffs = daemon.counts["hand-off"]
+        try:
+            with client(folder / f"{device}.sock"):
+                break
+        except (ConnectionError, AssertionError):  # refused: another one is still waiting its turn
+            time.sleep(0.05)
+    counts = daemon.counts
+    daemon.wait_for(
+        lambda: counts["hand-off"] > handoffs and counts["client gone"] == counts["client connected"]
+    )
+
+
+def test_disconnects_mid_message_leak_nothing_and_the_device_keeps_serving(tmp_path: Path) -> None:
+    with start(tmp_path, "h100-sxm5", "h100-sxm5") as daemon:
+        with client(tmp_path / "gpu0.sock"):
+            pass
+        settled(daemon, tmp_path)
+        baseline = fds(daemon)
+        memory = os.memfd_create("guest-ram")
+        os.ftruncate(memory, 1 << 20)
+        eventfds = [os.eventfd(0) for _ in range(4)]
+        cuts = {
+            "header": HEADER.pack(9, Command.REGION_READ, 32, 0, 0)[:7],
+            "payload": HEADER.pack(9, Command.REGION_READ, 32, 0, 0) + b"\x00" * 5,
+            "DMA_MAP": HEADER.pack(9, Command.DMA_MAP, 48, 0, 0) + struct.pack("=IIQ", 32, 3, 0),
+            "SET_IRQS": HEADER.pack(9, Command.DEVICE_SET_IRQS, 36, 0, 0) + struct.pack("=II", 20, 0x24),
+        }
+        for name, data in cuts.items():
+            session = Client(raw(tmp_path / "gpu0.sock"))
+            assert session.version().ok
+            if name == "DMA_MAP":  # a mapping that succeeds first, so there is something to release
+                assert session.dma_map(0x100000, 1 << 20, memory).ok
+            carried = [memory] if name == "DMA_MAP" else eventfds if name == "SET_IRQS" else []
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(carried)}i", *carried))]
+            session.client.sendmsg([data], ancillary if carried else [])
+            session.client.close()  # gone in the middle of the message
+        settled(daemon, tmp_path)
+        with client(tmp_path / "gpu0.sock") as again:
+            assert again.region_read(CONFIG_REGION, 0, 4).payload[16:] == bytes.fromhex("de103023")
+            assert again.dma_map(0x100000, 1 << 20, memory).ok  # the old mapping did not stay
+        settled(daemon, tmp_path)
+        os.close(memory)
+        for fd in eventfds:
+            os.close(fd)
+        assert fds(daemon) == baseline
+        metrics = scrape(tmp_path / "metrics.sock")
+        assert sample(metrics, "vfio_mediator_dma_mappings", device="gpu0") == 0
+        releases = [e["record"]["steps"][0]["detail"] for e in daemon.events("hand-off")]
+        assert "1 DMA mappings, 0 eventfds" in releases
+        with client(tmp_path / "gpu1.sock") as other:
+            assert other.region_read(CONFIG_REGION, 0, 4).ok
+
+
+def test_ten_thousand_connections_leak_no_fds_and_no_memory(tmp_path: Path) -> None:
+    with start(tmp_path, "h100-sxm5") as daemon:
+        for _ in range(200):  # warm up: thread caches, allocator arenas
+            raw(tmp_path / "gpu0.sock").close()
+        settled(daemon, tmp_path)
+        fds_before, rss_before = fds(daemon), rss_kib(daemon)
+        for _ in range(10_000):
+            raw(tmp_path / "gpu0.sock").close()
+        settled(daemon, tmp_path)
+        assert fds(daemon) == fds_before
+        growth = rss_kib(daemon) - rss_before
+        assert growth < 4096, f"RSS grew {growth} KiB over 10,000 connections"
+        with client(tmp_path / "gpu0.sock") as session:
+            assert session.region_read(CONFIG_REGION, 0, 4).ok
+
+
+def test_a_client_that_never_reads_costs_bounded_memory_and_no_other_device(tmp_path: Path) -> None:
+    with start(tmp_path, "h100-sxm5", "h100-sxm5") as daemon:
+        rss_before = rss_kib(daemon)
+        greedy = raw(tmp_path / "gpu0.sock")
+        greedy.sendall(HEADER.pack(1, Command.VERSION, 16 + 7, 0, 0) + struct.pack("=HH", 0, 0) + b"{}\0")
+        request = HEADER.pack(2, Command.REGION_READ, 32, 0, 0) + struct.pack("=QII", 0, CONFIG_REGION, 4)
+        greedy.setblocking(False)
+        sent = 0
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # until the socket buffers are full both ways
+            try:
+                sent += greedy.send(request * 256)
+            except BlockingIOError:
+                time.sleep(0.05)
+        assert sent > 100_000  # the daemon read on until its replies had nowhere to go, then stopped
+        with client(tmp_path / "gpu1.sock") as other:
+            assert other.region_read(CONFIG_REGION, 0, 4).ok
+        assert rss_kib(daemon) - rss_before < 16384
+        greedy.close()
+        settled(daemon, tmp_path)
+        with client(tmp_path / "gpu0.sock") as after:
+            assert after.region_read(CONFIG_REGION, 0, 4).ok
+
+
+def _read_latency(session: Client, rounds: int) -> float:
+    samples = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        assert session.region_read(CONFIG_REGION, 0, 4).ok
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples)
+
+
+def test_a_flood_of_trapped_accesses_on_one_device_leaves_another_within_twice_its_idle_latency(
+    tmp_path: Path,
+) -> None:
+    with start(tmp_path, "h100-sxm5", "h100-sxm5") as daemon:
+        del daemon
+        with client(tmp_path / "gpu1.sock") as measured:
+            _read_latency(measured, 500)
+            idle = _read_latency(measured, 3000)
+            stop = threading.Event()
+            flooded = []
+
+            def flood() -> None:
+                with client(tmp_path / "gpu0.sock") as hostile:
+                    request = struct.pack("=QII", MIRROR, 0, 4)
+                    while not stop.is_set():  # pipelined: 64 trapped reads in flight at a time
+                        ids = [hostile.send(Command.REGION_READ, request) for _ in range(64)]
+                        for _ in ids:
+                            hostile.receive()
+                        flooded.append(len(ids))
+
+            flooder = threading.Thread(target=flood)
+            flooder.start()
+            time.sleep(0.5)
+            busy = _read_latency(measured, 3000)
+            stop.set()
+            flooder.join(20)
+        assert sum(flooded) > 10_000  # the flood really ran
+        assert busy / idle < 2.0, f"idle {idle * 1e6:.1f} us, during the flood {busy * 1e6:.1f} us"
+
+
+def test_a_reset_slower_than_the_client_waits_is_answered_in_time_and_handed_off(tmp_path: Path) -> None:
+    slow = faulty_profile(tmp_path, "reset_seconds = 4.5")
+    with start(tmp_path, str(slow), "h100-sxm5") as daemon:
+        with client(tmp_path / "gpu0.sock") as session, client(tmp_path / "gpu1.sock") as other:
+            started = time.monotonic()
+            session.send(Command.DEVICE_RESET)
+            while time.monotonic() - started < 3.5:  # the other device is not held up meanwhile
+                assert other.region_read(CONFIG_REGION, 0, 4).ok
+            reply = session.receive()
+            answered = time.monotonic() - started
+            assert not reply.ok and reply.error == errno.ETIMEDOUT
+            assert answered < 5.0, f"answered after {answered:.1f} s, past QEMU's 5 s"
+            blocked = session.region_read(CONFIG_REGION, 0, 4)  # the device is blocked from now on
+            assert not blocked.ok and blocked.error == errno.EPERM
+            assert session.client.recv(16) == b""  # and the session ends, so it can be handed off
+        daemon.wait_for(
+            lambda: any(e["record"]["reason"] == "client gone" for e in daemon.events("hand-off")), timeout=60
+        )
+        gone = next(e for e in daemon.events("hand-off") if e["record"]["reason"] == "client gone")
+        assert gone["ok"] is True  # it waited for the straggling reset, then reset again
+        with client(tmp_path / "gpu0.sock") as after:
+            assert after.region_read(CONFIG_REGION, 0, 4).ok
+
+
+def test_a_failing_reset_is_an_error_reply_and_quarantines_the_device(tmp_path: Path) -> None:
+    broken = faulty_profile(tmp_path, "reset_fails = true")
+    with start(tmp_path, str(broken), "h100-sxm5", extra='[handoff]\nreset = "bus"\n') as daemon:
+        start_handoff = daemon.wait_for_event("hand-off", device="gpu0")
+        assert start_handoff["ok"] is False and "injected" in str(start_handoff["record"])
+        refused = Client(raw(tmp_path / "gpu0.sock")).version()
+        assert not refused.ok and refused.error == errno.EPERM
+        with client(tmp_path / "gpu1.sock") as other:
+            assert other.region_read(CONFIG_REGION, 0, 4).ok
+        assert (tmp_path / "state" / "quarantine" / "gpu0.json").exists()
+
+
+def test_backend_errors_become_error_replies(tmp_path: Path) -> None:
+    failing = faulty_profile(tmp_path, "config_read_eio = [0x2c]\ndma_map_fails = true")
+    memory = os.memfd_create("guest-ram")
+    os.ftruncate(memory, 1 << 20)
+    with start(tmp_path, str(failing)), client(tmp_path / "gpu0.sock") as session:
+        eio = session.region_read(CONFIG_REGION, 0x2C, 4)  # the subsystem IDs come from the device
+        assert not eio.ok and eio.error == errno.EIO
+        assert session.region_read(CONFIG_REGION, 0, 4).ok  # the rest of config space still reads
+        mapped = session.dma_map(0x100000, 1 << 20, memory)
+        assert not mapped.ok and mapped.error == errno.EIO
+        assert session.dma_unmap(0x100000, 1 << 20).error == errno.ENOENT  # nothing half-mapped
+        assert session.region_read(CONFIG_REGION, 0, 4).ok  # and the session goes on
+    os.close(memory)
+
+
+def test_out_of_fds_a_device_waits_to_accept_and_the_others_keep_serving(tmp_path: Path) -> None:
+    with start(tmp_path, "h100-sxm5", "h100-sxm5") as daemon, client(tmp_path / "gpu1.sock") as other:
+        assert other.region_read(0, 0x100, 4).ok  # the simulator's BAR memory exists now
+        pid = daemon.process.pid
+        limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (fds(daemon), limits[1]))  # no fd to spare
+        waiting = Client(raw(tmp_path / "gpu0.sock"))  # queued: accept() fails with EMFILE
+        waiting.send(Command.VERSION, struct.pack("=HH", 0, 0) + b"{}\0")
+        failed = daemon.wait_for_event("cannot accept a client", device="gpu0")
+        assert "Too many open files" in failed["why"]
+        for _ in range(50):  # the served device is not held up
+            assert other.region_read(CONFIG_REGION, 0, 4).ok
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
+        assert waiting.receive().ok  # the queued client is served once fds are back
+        assert waiting.region_read(CONFIG_REGION, 0, 4).ok
+        waiting.client.close()
+        assert daemon.process.poll() is None
+        assert len(daemon.events("cannot accept a client")) <= 3  # retried every 0.1 s, logged rarely
+
+
+def test_a_state_directory_that_cannot_be_written_refuses_the_client_and_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    with start(tmp_path, "h100-sxm5", "h100-sxm5") as daemon:
+        record = tmp_path / "state" / "sessions" / "gpu0.json"
+        record.mkdir()  # the session record cannot be written (as a full disk or a read-only mount)
+        refused = Client(raw(tmp_path / "gpu0.sock")).version()
+        assert not refused.ok and refused.error == errno.EPERM
+        why = daemon.wait_for_event("client refused", device="gpu0")["why"]
+        assert "cannot be recorded in the state directory" in why
+        with client(tmp_path / "gpu1.sock") as other:
+            assert other.region_read(CONFIG_REGION, 0, 4).ok
+        record.rmdir()
+        with client(tmp_path / "gpu0.sock") as after:  # nothing was lost: served once it can be recorded
+            assert after.region_read(CONFIG_REGION, 0, 4).ok
+            assert record.exists()
+
+
+def _stops_cleanly(daemon: DaemonProcess, folder: Path, devices: int) -> str:
+    log = daemon.stop(signal.SIGTERM)
+    assert daemon.process.returncode == 0, log[-2000:]
+    for i in range(devices):
+        assert not (folder / f"gpu{i}.sock").exists()
+    assert not (folder / "metrics.sock").exists()
+    assert "Traceback" not in log
+    return log
+
+
+def test_sigterm_while_idle_serving_or_handing_off_leaves_no_socket_and_no_mapping(tmp_path: Path) -> None:
+    memory = os.memfd_create("guest-ram")
+    os.ftruncate(memory, 1 << 20)
+    idle = tmp_path / "idle"
+    idle.mkdir()
+    _stops_cleanly(start(idle, "h100-sxm5", "h100-sxm5"), idle, 2)
+
+    serving = tmp_path / "serving"
+    serving.mkdir()
+    daemon = start(serving, "h100-sxm5", "h100-sxm5")
+    session = Client(raw(serving / "gpu0.sock"))
+    assert session.version().ok and session.dma_map(0x100000, 1 << 20, memory).ok
+    log = _stops_cleanly(daemon, serving, 2)
+    assert '"detail": "1 DMA mappings, 0 eventfds"' in log  # released on the way out
+    assert session.client.recv(16) == b""
+    session.client.close()
+
+    handing_off = tmp_path / "handing-off"
+    handing_off.mkdir()
+    slow = faulty_profile(handing_off, "reset_seconds = 2.0")
+    daemon = start(handing_off, str(slow), "h100-sxm5")
+    session = Client(raw(handing_off / "gpu0.sock"))
+    assert session.version().ok
+    session.client.close()  # the hand-off starts: a 2 s reset
+    daemon.wait_for(lambda: len(daemon.events("client gone")) >= 1)
+    _stops_cleanly(daemon, handing_off, 2)
+    os.close(memory)
+
+
+def test_the_event_loop_keeps_feeding_the_watchdog_through_a_flood_and_a_stuck_reset(tmp_path: Path) -> None:
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(5)
+    slow = faulty_profile(tmp_path, "reset_seconds = 4.5")
+    lines = ['[[device]]\nname = "gpu0"\nprofile = "h100-sxm5"\nsocket = "gpu0.sock"']
+    lines.append(f'[[device]]\nname = "gpu1"\nprofile = "{slow}"\nsocket = "gpu1.sock"')
+    (tmp_path / "config.toml").write_text("\n".join(lines) + "\n")
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "200000"}
+    with DaemonProcess("--config", str(tmp_path / "config.toml"), "--log-format", "json", env=env, devices=2):
+        stop = threading.Event()
+
+        def flood() -> None:
+            with client(tmp_path / "gpu0.sock") as hostile:
+                request = struct.pack("=QII", MIRROR, 0, 4)
+                while not stop.is_set():
+                    ids = [hostile.send(Command.REGION_READ, request) for _ in range(64)]
+                    for _ in ids:
+                        hostile.receive()
+
+        with client(tmp_path / "gpu1.sock") as stuck:
+            stuck.send(Command.DEVICE_RESET)  # holds its session thread in a slow reset
+            flooder = threading.Thread(target=flood)
+            flooder.start()
+            pings = []
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                if b"WATCHDOG=1" in notify.recv(4096):
+                    pings.append(time.monotonic())
+            stop.set()
+            flooder.join(20)
+        gaps = [b - a for a, b in itertools.pairwise(pings)]
+        assert len(pings) >= 10 and max(gaps) < 0.5, f"watchdog gaps {gaps}"
