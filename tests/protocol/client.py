@@ -9,6 +9,7 @@ a thread, and is the client on the other end.
 from __future__ import annotations
 
 import array
+import contextlib
 import json
 import os
 import socket
@@ -171,5 +172,15 @@ class Session(Client):
         self.close()
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def open_fds() -> dict[int, str]:
+    """fd -> what it is (its /proc link)."""
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # the listing's own fd
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+    return fds
+
+
+def opened_since(before: dict[int, str]) -> list[tuple[int, str]]:
+    """The fds open now that were not at ``before``; one another thread closed meanwhile does not count."""
+    return sorted(set(open_fds().items()) - set(before.items()))

@@ -18,7 +18,7 @@ from mediator.vfio_user.connection import Connection
 from mediator.vfio_user.service import DeviceService
 from mediator.vfio_user.transport import BATCH_SIZE
 from mediator.vfio_user.wire import FLAG_NO_REPLY, HEADER, Command
-from tests.protocol.client import Session, open_fds
+from tests.protocol.client import Session, open_fds, opened_since
 from tests.support import device
 
 CONFIG = 7
@@ -65,7 +65,7 @@ def test_interrupt_fds_that_are_not_eventfds_are_refused_and_closed() -> None:
         assert s.device.attached_eventfds == 0
         for fd in (read_end, write_end, null):
             os.close(fd)
-        assert open_fds() == before
+        assert opened_since(before) == []
 
 
 def test_a_blocking_resample_eventfd_cannot_stall_the_session() -> None:
