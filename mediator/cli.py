@@ -39,7 +39,7 @@ from mediator.quirks.table import QuirkTable, load_table_file
 from mediator.report import inspection, render_text
 from mediator.settings import DeviceSpec, Settings, load_settings
 from mediator.state import StateError, StateStore
-from mediator.vfio_user.server import SocketInUseError
+from mediator.unix_listener import SocketInUseError
 from mediator.virt.device import VirtualDevice
 from mediator.virt.plan import PlanError
 

@@ -48,7 +48,8 @@ from mediator.settings import Access, DeviceSpec, Settings, load_settings
 from mediator.state import StateError, StateStore
 from mediator.systemd import Notifier, listen_fds
 from mediator.tenancy import device_context
-from mediator.vfio_user.server import DeviceServer, Peer, bind_unix
+from mediator.unix_listener import bind_unix
+from mediator.vfio_user.server import DeviceServer, Peer
 from mediator.virt.device import VirtualDevice
 from mediator.virt.plan import DevicePlan, PlanError
 

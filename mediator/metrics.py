@@ -47,6 +47,7 @@ import structlog
 import trio
 
 from mediator import __version__
+from mediator.unix_listener import accept
 from mediator.vfio_user.wire import Command
 
 log = structlog.get_logger("mediator.metrics")
@@ -546,7 +547,7 @@ async def serve_metrics(
     """Answer every connection on ``listener`` with ``render()``, until cancelled.
 
     ``listener`` is a bound, listening UNIX stream socket
-    (``mediator.vfio_user.server.bind_unix``, or one systemd passed); it is
+    (``mediator.unix_listener.bind_unix``, or one systemd passed); it is
     made non-blocking and stays the caller's to close and unlink. A client
     sends an HTTP request (any path) and gets an HTTP/1.0 response, or shuts
     its side without sending anything and gets the bare text. A client that
@@ -560,22 +561,13 @@ async def serve_metrics(
         task_status.started()
         while True:
             await slots.acquire()
-            client = await _accept(listener)
+            client = await accept(listener, backoff=1.0, failed=_accept_failed)
             nursery.start_soon(_answer, client, render, limits, slots)
 
 
-async def _accept(listener: socket.socket) -> socket.socket:
-    while True:
-        await trio.lowlevel.wait_readable(listener)
-        try:
-            client, _ = listener.accept()
-        except BlockingIOError:
-            continue
-        except OSError as e:  # out of fds or memory: the client waits in the backlog meanwhile
-            log.warning("cannot accept a metrics client", why=e.strerror or str(e))
-            await trio.sleep(1)
-            continue
-        return client
+def _accept_failed(error: OSError) -> None:
+    # Out of fds or memory: the client waits in the backlog meanwhile.
+    log.warning("cannot accept a metrics client", why=error.strerror or str(error))
 
 
 async def _answer(

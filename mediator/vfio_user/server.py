@@ -4,14 +4,14 @@ Each listening socket serves one client at a time. A client whose
 credentials (SO_PEERCRED, SO_PEERGROUPS) the device's ``Lifecycle`` does not
 allow is closed at once and logged; so is a second client while the first
 keeps its session. A client that comes once the last one has hung up (its
-session ending, its device being handed off) waits for its turn. Each session runs the blocking message pump
-(``transport``) in a worker thread, between the lifecycle's hooks: ``admit``
-gives the device this client gets (a reload swaps it between clients, never
-under one) and whether it may be served at all (quarantine, fabric
-partition); ``release`` hands the device off once the client has gone
-(``mediator.handoff``), before the next client is taken. Cancelling
-``serve`` shuts the client's socket so its pump ends and waits for that
-clean-up.
+session ending, its device being handed off) waits for its turn. Each
+session runs the blocking message pump (``transport``) in a worker thread,
+between the lifecycle's hooks: ``admit`` gives the device this client gets
+(a reload swaps it between clients, never under one) and whether it may be
+served at all (quarantine, fabric partition); ``release`` hands the device
+off once the client has gone (``mediator.handoff``), before the next client
+is taken. Cancelling ``serve`` shuts the client's socket so its pump ends
+and waits for that clean-up.
 """
 
 from __future__ import annotations
@@ -20,10 +20,8 @@ import contextlib
 import itertools
 import select
 import socket
-import stat
 import struct
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Protocol
 
 import structlog
@@ -31,41 +29,13 @@ import trio
 
 from mediator.audit import RateLimiter
 from mediator.metrics import DeviceMetrics
+from mediator.unix_listener import accept
 from mediator.vfio_user.connection import Connection, Limits
 from mediator.vfio_user.service import DeviceService
 from mediator.vfio_user.transport import MessageSocket, pump
 from mediator.virt.device import VirtualDevice
 
 log = structlog.get_logger("mediator.vfio_user")
-
-
-class SocketInUseError(Exception):
-    """Another process serves on that socket path."""
-
-
-def bind_unix(path: Path) -> socket.socket:
-    """A listening socket at ``path``, replacing a stale socket file, never a live one."""
-    if path.exists() or path.is_symlink():
-        if not stat.S_ISSOCK(path.lstat().st_mode):
-            raise SocketInUseError(f"{path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except (ConnectionRefusedError, FileNotFoundError):
-            path.unlink(missing_ok=True)  # left behind by a daemon that died
-        else:
-            raise SocketInUseError(f"{path} is served by another process")
-        finally:
-            probe.close()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        listener.bind(str(path))
-        listener.listen(LISTEN_BACKLOG)
-        listener.setblocking(False)
-    except OSError:
-        listener.close()
-        raise
-    return listener
 
 
 class Lifecycle(Protocol):
@@ -92,8 +62,6 @@ class Peer:
 
 
 ACCEPT_BACKOFF = 0.1  # seconds before accepting again after accept() failed
-# Room for clients that connect while one is served: they are refused or wait for the hand-off.
-LISTEN_BACKLOG = 64
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13; not in every Python build
 CREDENTIALS = struct.Struct("3i")
 
@@ -137,17 +105,7 @@ class DeviceServer:
         log.info("serving", device=self.name, socket=listener.getsockname())
         async with trio.open_nursery() as nursery:
             while True:
-                await trio.lowlevel.wait_readable(listener)
-                try:
-                    client, _ = listener.accept()
-                except BlockingIOError:
-                    continue
-                except OSError as e:  # out of fds, or the like: this device waits, the others go on
-                    dropped = self._accept_errors_logged.allow()
-                    if dropped is not None:
-                        log.error("cannot accept a client", device=self.name, why=str(e), suppressed=dropped)
-                    await trio.sleep(ACCEPT_BACKOFF)
-                    continue
+                client = await accept(listener, backoff=ACCEPT_BACKOFF, failed=self._accept_failed)
                 number = next(self._counter)
                 try:
                     peer = peer_of(client)
@@ -175,6 +133,12 @@ class DeviceServer:
                     continue
                 self._waiting = self._turn.locked()
                 nursery.start_soon(self._session, client, number, peer)
+
+    def _accept_failed(self, error: OSError) -> None:
+        """Out of fds, or the like: this device waits, the others go on."""
+        dropped = self._accept_errors_logged.allow()
+        if dropped is not None:
+            log.error("cannot accept a client", device=self.name, why=str(error), suppressed=dropped)
 
     def _refuse(self, connection: socket.socket, why: str, **fields: object) -> None:
         """Close a refused connection, logged through a rate limit: a local flood must not fill a journal."""

@@ -26,7 +26,8 @@ import trio
 from mediator.backends.sim import SimBackend
 from mediator.daemon import Daemon
 from mediator.settings import DeviceSpec, Settings
-from mediator.vfio_user.server import DeviceServer, bind_unix
+from mediator.unix_listener import bind_unix
+from mediator.vfio_user.server import DeviceServer
 from mediator.vfio_user.wire import Command
 from mediator.virt.device import VirtualDevice
 
