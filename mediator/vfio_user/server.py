@@ -189,6 +189,7 @@ class DeviceServer:
             connection = Connection(replace(self.limits, max_dma_maps=device.dma.max_mappings))
             service = self.service = DeviceService(device, connection, refusal)
             why = pump(MessageSocket(client, self.limits.max_msg_fds), connection, service)
+            client.close()  # now, not after the hand-off: a slow one must not hold the fd
             self._live = False  # the next client may now connect and wait for the hand-off
             self.metrics.client_gone()
             log.info("client gone", why=why, requests=service.handled)

@@ -81,14 +81,6 @@ def fds(daemon: DaemonProcess) -> int:
     return len(os.listdir(f"/proc/{daemon.process.pid}/fd"))
 
 
-def assert_fds_return_to(daemon: DaemonProcess, baseline: int) -> None:
-    """The daemon closes a session's socket just after its hand-off is logged: give it a moment."""
-    try:
-        daemon.wait_for(lambda: fds(daemon) == baseline, timeout=10)
-    except TimeoutError:
-        raise AssertionError(f"the daemon holds {fds(daemon)} fds, {baseline} before") from None
-
-
 def rss_kib(daemon: DaemonProcess) -> int:
     for line in Path(f"/proc/{daemon.process.pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -96,31 +88,33 @@ def rss_kib(daemon: DaemonProcess) -> int:
     raise AssertionError("no VmRSS")
 
 
-def settled(daemon: DaemonProcess, folder: Path, device: str = "gpu0") -> None:
-    """Wait until every earlier connection to ``device`` has ended and been released.
+@contextmanager
+def turn(folder: Path, device: str = "gpu0") -> Iterator[Client]:
+    """A served session of ``device`` once every earlier connection has ended and been released.
 
-    A full session is accepted after every earlier connection (accept is in
-    order); once it has been handed off, the ones before it are done too.
+    Sessions take turns: accept is in order and each session, hand-off
+    included, ends before the next is admitted. So once this one's VERSION
+    is answered, the daemon has finished with all the ones before it.
     """
     while True:
-        handoffs = daemon.counts["hand-off"]
+        session = Client(raw(folder / f"{device}.sock"))
         try:
-            with client(folder / f"{device}.sock"):
+            if session.version().ok:
                 break
-        except (ConnectionError, AssertionError):  # refused: another one is still waiting its turn
-            time.sleep(0.05)
-    counts = daemon.counts
-    daemon.wait_for(
-        lambda: counts["hand-off"] > handoffs and counts["client gone"] == counts["client connected"]
-    )
+        except ConnectionError:  # refused: another one is still waiting its turn
+            pass
+        session.client.close()
+        time.sleep(0.05)
+    try:
+        yield session
+    finally:
+        session.client.close()
 
 
 def test_disconnects_mid_message_leak_nothing_and_the_device_keeps_serving(tmp_path: Path) -> None:
     with start(tmp_path, "h100-sxm5", "h100-sxm5") as daemon:
-        with client(tmp_path / "gpu0.sock"):
-            pass
-        settled(daemon, tmp_path)
-        baseline = fds(daemon)
+        with turn(tmp_path):
+            baseline = fds(daemon)
         memory = os.memfd_create("guest-ram")
         os.ftruncate(memory, 1 << 20)
         eventfds = [os.eventfd(0) for _ in range(4)]
@@ -139,15 +133,14 @@ def test_disconnects_mid_message_leak_nothing_and_the_device_keeps_serving(tmp_p
             ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(carried)}i", *carried))]
             session.client.sendmsg([data], ancillary if carried else [])
             session.client.close()  # gone in the middle of the message
-        settled(daemon, tmp_path)
-        with client(tmp_path / "gpu0.sock") as again:
+        with turn(tmp_path) as again:
             assert again.region_read(CONFIG_REGION, 0, 4).payload[16:] == bytes.fromhex("de103023")
             assert again.dma_map(0x100000, 1 << 20, memory).ok  # the old mapping did not stay
-        settled(daemon, tmp_path)
         os.close(memory)
         for fd in eventfds:
             os.close(fd)
-        assert_fds_return_to(daemon, baseline)
+        with turn(tmp_path):
+            assert fds(daemon) == baseline
         metrics = scrape(tmp_path / "metrics.sock")
         assert sample(metrics, "vfio_mediator_dma_mappings", device="gpu0") == 0
         releases = [e["record"]["steps"][0]["detail"] for e in daemon.events("hand-off")]
@@ -160,15 +153,14 @@ def test_ten_thousand_connections_leak_no_fds_and_no_memory(tmp_path: Path) -> N
     with start(tmp_path, "h100-sxm5") as daemon:
         for _ in range(200):  # warm up: thread caches, allocator arenas
             raw(tmp_path / "gpu0.sock").close()
-        settled(daemon, tmp_path)
-        fds_before, rss_before = fds(daemon), rss_kib(daemon)
+        with turn(tmp_path):
+            fds_before, rss_before = fds(daemon), rss_kib(daemon)
         for _ in range(10_000):
             raw(tmp_path / "gpu0.sock").close()
-        settled(daemon, tmp_path)
-        assert_fds_return_to(daemon, fds_before)
-        growth = rss_kib(daemon) - rss_before
-        assert growth < 4096, f"RSS grew {growth} KiB over 10,000 connections"
-        with client(tmp_path / "gpu0.sock") as session:
+        with turn(tmp_path) as session:
+            assert fds(daemon) == fds_before
+            growth = rss_kib(daemon) - rss_before
+            assert growth < 4096, f"RSS grew {growth} KiB over 10,000 connections"
             assert session.region_read(CONFIG_REGION, 0, 4).ok
 
 
@@ -191,8 +183,7 @@ def test_a_client_that_never_reads_costs_bounded_memory_and_no_other_device(tmp_
             assert other.region_read(CONFIG_REGION, 0, 4).ok
         assert rss_kib(daemon) - rss_before < 16384
         greedy.close()
-        settled(daemon, tmp_path)
-        with client(tmp_path / "gpu0.sock") as after:
+        with turn(tmp_path) as after:
             assert after.region_read(CONFIG_REGION, 0, 4).ok
 
 
