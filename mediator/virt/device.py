@@ -374,7 +374,7 @@ class VirtualDevice:
             DeviceError: ENOTTY when the device has no reset method at all.
         """
         straggler, self._straggler = self._straggler, None
-        if straggler is not None and straggler is not threading.current_thread():
+        if straggler is not None:
             straggler.join()  # a guest's reset that outlived its deadline: the hardware is still in it
         obstacle = self.backend.bus_reset_obstacle() if bus else None
         if bus and obstacle is None:
@@ -410,7 +410,6 @@ class VirtualDevice:
             DeviceError: ENOTTY (no reset method), EIO (the reset failed, or a
                 verified post-reset write did not hold), ETIMEDOUT (still resetting).
         """
-        finished = threading.Event()
         failure: list[BaseException] = []
 
         def run() -> None:
@@ -418,13 +417,12 @@ class VirtualDevice:
                 self._reset_now(cause, source)
             except BaseException as e:  # handed to the waiting caller
                 failure.append(e)
-            finally:
-                finished.set()
 
         context = contextvars.copy_context()  # log lines keep their device and client
         worker = threading.Thread(target=context.run, args=(run,), name=f"reset {cause}", daemon=True)
         worker.start()
-        if not finished.wait(GUEST_RESET_DEADLINE):
+        worker.join(GUEST_RESET_DEADLINE)
+        if worker.is_alive():
             self._straggler = worker
             self.block(
                 f"a reset did not finish within {GUEST_RESET_DEADLINE:g} s; the device is handed off "
