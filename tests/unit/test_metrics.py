@@ -6,7 +6,6 @@ import contextlib
 import math
 import os
 import re
-import shutil
 import socket
 import stat
 import tempfile
@@ -462,7 +461,6 @@ async def test_other_requests_get_an_error_or_the_bare_text(socket_path: Path, m
 
 
 @pytest.mark.trio
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 async def test_curl_gets_the_exposition(socket_path: Path, metrics: Metrics) -> None:
     with listen(socket_path) as listener:
         async with trio.open_nursery() as nursery:
