@@ -11,6 +11,7 @@ its own failure and reports it, so one broken check does not hide the rest.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import mmap
 import os
@@ -26,6 +27,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from mediator._vfio_shim import ffi, lib
 
@@ -157,6 +159,17 @@ def refused(bdf: str, wrapper: tuple[str, ...] = ()) -> tuple[int, str]:
     return result.returncode, result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
 
 
+@functools.cache
+def inspect(bdf: str) -> dict[str, Any]:
+    """``vfio-mediator inspect --json`` of a device, run once: it is slow under TCG, and its answer
+    cannot change here (every hand-off checks the identity and capability layout stay the same)."""
+    result = subprocess.run(
+        [*PYTHON, "inspect", "--json", "--device", bdf], capture_output=True, text=True, check=True
+    )
+    parsed: dict[str, Any] = json.loads(result.stdout)
+    return parsed
+
+
 def ext_ids(config: bytes) -> list[int]:
     return [c.id for c in walk(config).ext]
 
@@ -179,10 +192,7 @@ def main() -> None:
         # Which VFIO API the backend took: iommufd when the kernel offers the device cdev, else the group.
         sources = {}
         for kind, bdf in bdfs.items():
-            inspected = subprocess.run(
-                [*PYTHON, "inspect", "--json", "--device", bdf], capture_output=True, text=True, check=True
-            )
-            sources[kind] = json.loads(inspected.stdout)["source"]
+            sources[kind] = inspect(bdf)["source"]
         cdevs = sorted(p.name for p in Path("/dev/vfio/devices").glob("vfio*"))
         expected = "iommufd" if cdevs and Path("/dev/iommu").exists() else "group"
         assert all(source.endswith(f"({expected})") for source in sources.values()), (cdevs, sources)
@@ -193,15 +203,7 @@ def main() -> None:
         seen = {}
         for kind, bdf in bdfs.items():
             physical = (SYSFS / bdf / "config").read_bytes()
-            inspected = json.loads(
-                subprocess.run(
-                    [*PYTHON, "inspect", "--json", "--device", bdf],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                ).stdout
-            )
-            virtual = bytes.fromhex(inspected["virtual"]["config"])
+            virtual = bytes.fromhex(inspect(bdf)["virtual"]["config"])
             seen[kind] = {"physical": ext_ids(physical), "virtual": ext_ids(virtual)}
         assert 0x0F in seen["virtio-net"]["physical"] and 0x0F not in seen["virtio-net"]["virtual"], seen
         assert {0x0E, 0x10} <= set(seen["igb"]["physical"]) and not {0x0E, 0x10} & set(
@@ -401,14 +403,7 @@ def main() -> None:
 
         @checked(f"compare-{kind}")
         def _(kind: str = kind, bdf: str = bdf) -> dict[str, object]:
-            rules = json.loads(
-                subprocess.run(
-                    [*PYTHON, "inspect", "--json", "--device", bdf],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                ).stdout
-            )["rules"]
+            rules = inspect(bdf)["rules"]
             decided = {o for r in rules if r["rule"] != "passthrough" for o in range(r["start"], r["end"])}
             with Machine(None, behind_root_port=False, host=bdf) as plain:
                 size = 4096
