@@ -39,7 +39,7 @@ from mediator.quirks.table import QuirkTable, load_table_file
 from mediator.report import inspection, render_text
 from mediator.settings import DeviceSpec, Settings, load_settings
 from mediator.state import StateError, StateStore
-from mediator.unix_listener import SocketInUseError
+from mediator.unix_listener import SocketError
 from mediator.virt.device import VirtualDevice
 from mediator.virt.plan import PlanError
 
@@ -168,7 +168,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
             return EXIT_DEVICE
         trio.run(daemon.serve)
-    except SocketInUseError as e:
+    except SocketError as e:
         _print_errors([str(e)])
         return EXIT_INPUT
     finally:

@@ -44,11 +44,11 @@ from mediator.handoff import HandOff, HandOffRecord, Owner
 from mediator.metrics import Metrics, serve_metrics, write_textfile_periodically
 from mediator.pci.chain import ChainError
 from mediator.quirks.table import QuirkTable
-from mediator.settings import Access, DeviceSpec, Settings, load_settings
-from mediator.state import StateError, StateStore
+from mediator.settings import DeviceSpec, Settings, load_settings
+from mediator.state import StateStore
 from mediator.systemd import Notifier, listen_fds
 from mediator.tenancy import device_context
-from mediator.unix_listener import bind_unix
+from mediator.unix_listener import SocketError, bind_unix, give_access
 from mediator.vfio_user.server import DeviceServer, Peer
 from mediator.virt.device import VirtualDevice
 from mediator.virt.plan import DevicePlan, PlanError
@@ -276,7 +276,7 @@ class Daemon:
         """(server, listening socket, path we made and must remove) for every device.
 
         Raises:
-            SocketInUseError, StateError.
+            SocketError: a socket cannot be made, or given its owner and mode.
         """
         inherited = listen_fds()
         single = len(self.managed) == 1 and len(inherited) == 1 and self.config is None
@@ -289,11 +289,12 @@ class Daemon:
                     made.append((server, given[0], None))
                     continue
                 if not managed.spec.socket:
-                    raise StateError(f"{managed.spec.name}: no --socket and no socket passed by systemd")
+                    raise SocketError(f"{managed.spec.name}: no --socket and no socket passed by systemd")
                 path = Path(managed.spec.socket)
                 listener = bind_unix(path)
                 made.append((server, listener, path))
-                _give_access(path, self.settings.access_for(managed.spec.name))
+                access = self.settings.access_for(managed.spec.name)
+                give_access(path, access.mode, access.uid, access.gid)
         except BaseException:
             _close(made)
             raise
@@ -428,23 +429,6 @@ class Daemon:
 
 def _tenants(settings: Settings) -> dict[str, str | None]:
     return {d.name: d.tenant for d in settings.devices}
-
-
-def _give_access(path: Path, access: Access) -> None:
-    """The socket's mode and owner from the config.
-
-    Raises:
-        StateError: the daemon may not give it to that user or group.
-    """
-    try:
-        os.chmod(path, access.mode)
-        if access.uid is not None or access.gid is not None:
-            os.chown(path, -1 if access.uid is None else access.uid, -1 if access.gid is None else access.gid)
-    except OSError as e:
-        raise StateError(
-            f"cannot set {path}'s owner or mode ({e.strerror}): run the daemon as root, or let a systemd "
-            ".socket unit make the socket (SocketUser=, SocketGroup=, SocketMode=)"
-        ) from None
 
 
 def _close(listeners: list[Listener]) -> None:

@@ -14,13 +14,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import TextIO
+from typing import Literal, TextIO, get_args
 
 import structlog
 from structlog.typing import EventDict, Processor
 
-FORMATS = ("auto", "console", "text", "json")
-LEVELS = ("debug", "info", "warning", "error")
+LogFormat = Literal["auto", "console", "text", "json"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+FORMATS: tuple[LogFormat, ...] = get_args(LogFormat)
+LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
 LEADING = ("timestamp", "level", "event")
 SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2, "exception": 3}
 
@@ -63,7 +65,7 @@ class _CurrentStderr:
         sys.stderr.flush()
 
 
-def configure(level: str = "info", format: str = "auto", stream: TextIO | None = None) -> None:
+def configure(level: LogLevel = "info", format: LogFormat = "auto", stream: TextIO | None = None) -> None:
     out = stream or sys.stderr
     if format == "auto":
         format = "console" if out.isatty() else "json"

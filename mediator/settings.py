@@ -75,6 +75,7 @@ from msgspec import Meta, Struct
 
 from mediator.backends.sysfs import DeviceNotReady, normalize_bdf
 from mediator.errors import InputError, InputErrors
+from mediator.log import LogFormat, LogLevel
 from mediator.tomlinput import convert, read_toml
 
 Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)]
@@ -116,10 +117,10 @@ class Access:
 
 
 class LogSpec(Struct, forbid_unknown_fields=True, frozen=True):
-    level: Literal["debug", "info", "warning", "error"] = "info"
+    level: LogLevel = "info"
     # auto: JSON lines with a syslog level prefix for journald when stderr is
     # not a terminal, a readable console format when it is.
-    format: Literal["auto", "console", "json"] = "auto"
+    format: LogFormat = "auto"
 
 
 class MetricsSpec(Struct, forbid_unknown_fields=True, frozen=True):

@@ -1,7 +1,8 @@
 """Listening UNIX stream sockets, shared by the device servers and the metrics exporter.
 
 ``bind_unix`` makes one at a path, replacing the socket file a dead daemon
-left and never a live one. ``accept`` waits for the next client under trio;
+left and never a live one; ``give_access`` sets its mode and owner.
+``accept`` waits for the next client under trio;
 when ``accept()`` fails (out of fds or memory) the connection stays in the
 kernel's backlog, so the caller is told and the accept is retried after a
 back-off rather than failing the serving task.
@@ -9,6 +10,7 @@ back-off rather than failing the serving task.
 
 from __future__ import annotations
 
+import os
 import socket
 import stat
 from collections.abc import Callable
@@ -20,7 +22,11 @@ import trio
 LISTEN_BACKLOG = 64
 
 
-class SocketInUseError(Exception):
+class SocketError(Exception):
+    """A socket the daemon must listen on cannot be had as configured; the message names its path."""
+
+
+class SocketInUseError(SocketError):
     """Another process serves on that socket path."""
 
 
@@ -47,6 +53,23 @@ def bind_unix(path: Path) -> socket.socket:
         listener.close()
         raise
     return listener
+
+
+def give_access(path: Path, mode: int, uid: int | None, gid: int | None) -> None:
+    """Set the socket file's mode and owner (None: leave that id as it is).
+
+    Raises:
+        SocketError: this process may not give it that mode, user or group.
+    """
+    try:
+        os.chmod(path, mode)
+        if uid is not None or gid is not None:
+            os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
+    except OSError as e:
+        raise SocketError(
+            f"cannot set {path}'s owner or mode ({e.strerror}): run the daemon as root, or let a systemd "
+            ".socket unit make the socket (SocketUser=, SocketGroup=, SocketMode=)"
+        ) from None
 
 
 async def accept(

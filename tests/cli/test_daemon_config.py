@@ -6,6 +6,8 @@ import errno
 import json
 import socket
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 from mediator.vfio_user.wire import HEADER, Command
@@ -183,3 +185,28 @@ def test_metrics_count_requests_errors_handoffs_and_state(tmp_path: Path) -> Non
         daemon.wait_for((tmp_path / "vfio.prom").exists)
         assert "vfio_mediator_build_info" in (tmp_path / "vfio.prom").read_text()
     assert not (tmp_path / "metrics.sock").exists()
+
+
+def test_a_config_may_ask_for_text_logs(tmp_path: Path) -> None:
+    path = config(tmp_path, device_entry("gpu0", "h100-sxm5"), '[log]\nformat = "text"\n')
+    with DaemonProcess("--config", str(path)) as daemon:
+        log = daemon.stop()
+    assert "event='serving'" in log and "device='gpu0'" in log, log
+
+
+def test_a_socket_owner_the_daemon_may_not_set_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    # Without CAP_CHOWN not even root may give the socket to another user.
+    path = config(tmp_path, device_entry("gpu0", "h100-sxm5"), "[access]\nsocket_owner = 65534\n")
+    result = subprocess.run(
+        ["setpriv", "--bounding-set", "-chown", sys.executable, "-m", "mediator", "serve", "--config", path],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"cannot set {tmp_path / 'gpu0.sock'}'s owner or mode" in errors[0], (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
