@@ -29,10 +29,11 @@ from mediator.audit import audit_log
 from mediator.backends.base import BackendError
 from mediator.backends.profile import DEFAULT_PROFILE, load_profile, resolve_profile, shipped_profiles
 from mediator.backends.sim import SimBackend
-from mediator.backends.sysfs import DeviceNotReady, normalize_bdf
+from mediator.backends.sysfs import DeviceNotReady
 from mediator.daemon import Daemon, open_device
 from mediator.errors import InputError, InputErrors
 from mediator.handoff import HandOff, Owner
+from mediator.pci.address import AddressError, normalize_bdf
 from mediator.pci.chain import ChainError
 from mediator.pci.registers import Identity
 from mediator.quirks.table import QuirkTable, load_table_file
@@ -110,7 +111,10 @@ def _command_line_settings(args: argparse.Namespace) -> Settings:
     ``STATE_DIRECTORY`` (``StateDirectory=`` in the unit), else none.
     """
     if args.device:
-        name, profile = normalize_bdf(args.device), None
+        try:
+            name, profile = normalize_bdf(args.device), None
+        except AddressError as e:
+            raise InputErrors([InputError("the command line", "--device", str(e))]) from None
     else:
         profile = str(resolve_profile(args.profile))
         name = load_profile(Path(profile)).name

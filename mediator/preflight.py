@@ -29,18 +29,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from mediator.backends.sysfs import (
-    BDF,
-    DeviceNotReady,
-    Members,
-    driver_of,
-    group_blockers,
-    iommu_group_of,
-    is_vfio_driver,
-    normalize_bdf,
-)
-from mediator.backends.vfio import memlock_advice
+from mediator.backends import advice
+from mediator.backends.sysfs import Members, driver_of, group_blockers, iommu_group_of, is_vfio_driver
 from mediator.pci import capabilities as caps
+from mediator.pci.address import BDF, AddressError, normalize_bdf
 from mediator.pci.bars import format_size
 from mediator.pci.capabilities import CapKind
 from mediator.pci.chain import Chains, walk
@@ -156,14 +148,11 @@ def list_devices(root: Path = SYSFS) -> list[DeviceSummary]:
 
 
 def _not_vfio(bdf: str, device: Path, driver: str | None, root: Path) -> Finding:
-    # The same commands sysfs.find_function gives when the daemon refuses the function.
-    unbind = f"echo {bdf} > {device}/driver/unbind; " if driver else ""
     return Finding(
         "error",
         "driver",
         f"{'bound to ' + driver if driver else 'no driver'}, not vfio-pci: the daemon refuses the function",
-        f"modprobe vfio-pci; echo vfio-pci > {device}/driver_override; "
-        f"{unbind}echo {bdf} > {root}/bus/pci/drivers_probe",
+        advice.rebind_to_vfio(bdf, device, driver, root),
     )
 
 
@@ -175,8 +164,7 @@ def _group_finding(
             "error",
             "iommu",
             "no IOMMU group: the IOMMU is off",
-            "enable the IOMMU: intel_iommu=on or amd_iommu=on on the kernel command line, "
-            "VT-d/AMD-Vi in the firmware",
+            advice.ENABLE_IOMMU,
         )
     listed = ", ".join(f"{member} ({driver or 'no driver'})" for member, driver in members)
     # The function's own driver is a finding of its own.
@@ -187,7 +175,8 @@ def _group_finding(
             "error",
             "iommu",
             f"group {group} is not viable: {named} shares it",
-            "bind every device of the group to vfio-pci, or unbind it from its driver: "
+            advice.SHARE_THE_GROUP
+            + ": "
             + "; ".join(
                 f"echo {member} > {root}/bus/pci/devices/{member}/driver/unbind" for member, _ in blockers
             ),
@@ -406,7 +395,7 @@ def _memlock(guest_ram: int | None, proc: Path) -> Finding:
         "memlock",
         f"RLIMIT_MEMLOCK {limit} for this process, below the guest's {format_size(guest_ram)}, and no "
         "CAP_IPC_LOCK: mapping guest RAM for DMA would fail with ENOMEM",
-        memlock_advice(guest_ram),
+        advice.memlock(guest_ram),
     )
 
 
@@ -416,7 +405,7 @@ def doctor(
     """Every check for serving the function at ``bdf``, with guest RAM of ``guest_ram`` bytes."""
     try:
         address = normalize_bdf(bdf)
-    except DeviceNotReady as e:
+    except AddressError as e:
         return [Finding("error", "function", str(e), "give the address as lspci -D shows it")]
     device = root / "bus/pci/devices" / address
     if not device.exists():

@@ -73,9 +73,9 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from mediator.backends.sysfs import DeviceNotReady, normalize_bdf
 from mediator.errors import InputError, InputErrors
 from mediator.log import LogFormat, LogLevel
+from mediator.pci.address import AddressError, normalize_bdf
 from mediator.tomlinput import convert, read_toml
 
 Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)]
@@ -210,7 +210,7 @@ class Settings:
 def _same_bdf(bdf: str, text: str) -> bool:
     try:
         return normalize_bdf(text) == bdf
-    except DeviceNotReady:
+    except AddressError:
         return False
 
 
@@ -252,7 +252,7 @@ def _check(spec: SettingsSpec, source: str) -> list[InputError]:
         if device.bdf is not None:
             try:
                 normalize_bdf(device.bdf)
-            except DeviceNotReady as e:
+            except AddressError as e:
                 problem(f"{where}.bdf", str(e))
         for link in device.links:
             if not link.isdigit() or int(link) > 63:

@@ -8,26 +8,15 @@ driver, an IOMMU group shared with devices that are not given to VFIO.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-BDF = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
-SHORT_BDF = re.compile(r"^[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+from mediator.backends.advice import ENABLE_IOMMU, rebind_to_vfio
+from mediator.pci.address import AddressError, normalize_bdf
 
 
 class DeviceNotReady(Exception):
     """The function cannot be served as it is; the message says what to do."""
-
-
-def normalize_bdf(text: str) -> str:
-    """``3b:00.0`` or ``0000:3b:00.0`` -> ``0000:3b:00.0``."""
-    bdf = text.strip().lower()
-    if SHORT_BDF.match(bdf):
-        bdf = "0000:" + bdf
-    if not BDF.match(bdf):
-        raise DeviceNotReady(f"{text!r} is not a PCI address (expected DDDD:BB:DD.F, e.g. 0000:3b:00.0)")
-    return bdf
 
 
 def is_vfio_driver(driver: str | None) -> bool:
@@ -74,25 +63,23 @@ def find_function(bdf_text: str, root: Path = Path("/sys")) -> PciFunction:
         DeviceNotReady: no such function, no IOMMU group, or bound to a driver
             that is not vfio-pci (the message gives the commands to rebind it).
     """
-    bdf = normalize_bdf(bdf_text)
+    try:
+        bdf = normalize_bdf(bdf_text)
+    except AddressError as e:
+        raise DeviceNotReady(str(e)) from None
     device = root / "bus/pci/devices" / bdf
     if not device.exists():
         raise DeviceNotReady(f"no PCI device {bdf} (nothing at {device})")
     driver = driver_of(device)
     if not is_vfio_driver(driver):
         current = f"is bound to {driver}" if driver else "has no driver"
-        unbind = f"echo {bdf} > {device}/driver/unbind; " if driver else ""
         raise DeviceNotReady(
             f"{bdf} {current}, not vfio-pci. Hand it to vfio-pci with: "
-            f"modprobe vfio-pci; echo vfio-pci > {device}/driver_override; "
-            f"{unbind}echo {bdf} > {root}/bus/pci/drivers_probe"
+            + rebind_to_vfio(bdf, device, driver, root)
         )
     group, members = iommu_group_of(device)
     if group is None:
-        raise DeviceNotReady(
-            f"{bdf} has no IOMMU group: enable the IOMMU (intel_iommu=on or amd_iommu=on on the "
-            f"kernel command line, VT-d/AMD-Vi in the firmware)"
-        )
+        raise DeviceNotReady(f"{bdf} has no IOMMU group: {ENABLE_IOMMU}")
     cdevs = (
         sorted(p.name for p in (device / "vfio-dev").glob("vfio*")) if (device / "vfio-dev").is_dir() else []
     )

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import errno
 import os
-import resource
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from mediator._vfio_shim import ffi, lib
+from mediator.backends import advice
 from mediator.backends.base import (
     CONFIG_REGION,
     IRQ_INFO_NORESIZE,
@@ -45,6 +45,7 @@ from mediator.backends.base import (
 )
 from mediator.backends.dma import DMA_WRITE, DmaMapping, DmaTable
 from mediator.backends.sysfs import PciFunction, find_function, group_blockers
+from mediator.pci.address import format_bdf
 
 BarAccess = Literal["mmap", "trap"]
 DEV_VFIO = Path("/dev/vfio")
@@ -61,22 +62,6 @@ class VfioError(BackendError):
         self.errno = errno_value
 
 
-def _advice(errno_value: int, operation: str) -> str:
-    if errno_value == errno.EBUSY:
-        return (
-            "The device or its IOMMU group is in use by another process (another daemon or a VMM): "
-            "stop it first"
-        )
-    if errno_value == errno.ENOTTY and operation == "VFIO_DEVICE_PCI_HOT_RESET":
-        return (
-            "The kernel could not complete the bus reset; most often the device did not answer "
-            "in time after it (see dmesg)"
-        )
-    if errno_value == errno.ENOTTY:
-        return f"This kernel does not implement {operation}: it needs a newer vfio-pci"
-    return ""
-
-
 def _udev_match(path: Path) -> str:
     """The udev match for a VFIO node: the group nodes, the device cdevs and /dev/iommu differ."""
     if path.name == "iommu":
@@ -84,19 +69,6 @@ def _udev_match(path: Path) -> str:
     if path.parent.name == "devices":
         return 'SUBSYSTEM=="vfio-dev"'
     return 'SUBSYSTEM=="vfio"'
-
-
-def _bdf(segment: int, bus: int, devfn: int) -> str:
-    return f"{segment:04x}:{bus:02x}:{devfn >> 3:02x}.{devfn & 7}"
-
-
-def memlock_advice(size: int) -> str:
-    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft >> 10} KiB"
-    return (
-        f"Pinning {size >> 20} MiB of guest memory for DMA needs RLIMIT_MEMLOCK above all guest RAM "
-        f"(now {limit}): set LimitMEMLOCK= in the unit (or ulimit -l), or give the daemon CAP_IPC_LOCK"
-    )
 
 
 @dataclass(frozen=True)
@@ -149,22 +121,27 @@ class VfioDevice:
             ) from None
         except OSError as e:
             raise VfioError(
-                self.name, f"opening {path} ({purpose})", e.errno or errno.EIO, _advice(e.errno or 0, "")
+                self.name,
+                f"opening {path} ({purpose})",
+                e.errno or errno.EIO,
+                advice.for_errno(e.errno or 0, ""),
             ) from None
         self._fds.append(fd)
         return fd
 
-    def _ioctl(self, fd: int, request: int, arg: Any, operation: str) -> int:
-        result = int(lib.shim_ioctl(fd, request, arg))
+    def _checked(self, result: int, operation: str, fix: str | None = None) -> int:
+        """A shim call's result (-errno on failure) as a value, or the ``VfioError`` it stands for."""
         if result < 0:
-            raise VfioError(self.name, operation, -result, _advice(-result, operation))
+            raise VfioError(
+                self.name, operation, -result, advice.for_errno(-result, operation) if fix is None else fix
+            )
         return result
 
+    def _ioctl(self, fd: int, request: int, arg: Any, operation: str) -> int:
+        return self._checked(int(lib.shim_ioctl(fd, request, arg)), operation)
+
     def _ioctl_value(self, fd: int, request: int, value: int, operation: str) -> int:
-        result = int(lib.shim_ioctl_value(fd, request, value))
-        if result < 0:
-            raise VfioError(self.name, operation, -result, _advice(-result, operation))
-        return result
+        return self._checked(int(lib.shim_ioctl_value(fd, request, value)), operation)
 
     def _open_group(self, dev: Path) -> int:
         function = self.function
@@ -198,8 +175,7 @@ class VfioDevice:
                 self.name,
                 f"using IOMMU group {function.iommu_group}",
                 errno.EINVAL,
-                f"The group is not viable: {blockers} shares it; bind every device of the group to vfio-pci "
-                f"or unbind it from its driver",
+                f"The group is not viable: {blockers} shares it; {advice.SHARE_THE_GROUP}",
             )
         container_fd = ffi.new("int *", container)
         self._ioctl(group, lib.VFIO_GROUP_SET_CONTAINER, container_fd, "VFIO_GROUP_SET_CONTAINER")
@@ -227,7 +203,8 @@ class VfioDevice:
                 self.name,
                 "VFIO_DEVICE_BIND_IOMMUFD",
                 errno.EBUSY,
-                _advice(errno.EBUSY, "") + " (the kernel answers EINVAL: the device is already bound)",
+                advice.for_errno(errno.EBUSY, "")
+                + " (the kernel answers EINVAL: the device is already bound)",
             ) from None
         ioas = ffi.new("struct iommu_ioas_alloc *", {"size": ffi.sizeof("struct iommu_ioas_alloc")})
         self._ioctl(iommufd, lib.IOMMU_IOAS_ALLOC, ioas, "IOMMU_IOAS_ALLOC")
@@ -339,12 +316,13 @@ class VfioDevice:
             if result == -errno.ENOSPC and info.count > count:
                 count = info.count
                 continue
-            if result < 0:
-                raise VfioError(
-                    self.name, "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO", -result, _advice(-result, "hot reset")
-                )
+            self._checked(
+                result, "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO", advice.for_errno(-result, "hot reset")
+            )
             devices = ffi.cast("struct vfio_pci_dependent_device *", buffer + size)
-            return [_bdf(devices[i].segment, devices[i].bus, devices[i].devfn) for i in range(info.count)]
+            return [
+                format_bdf(devices[i].segment, devices[i].bus, devices[i].devfn) for i in range(info.count)
+            ]
 
     # DMA
     def map_dma(self, mapping: DmaMapping) -> None:
@@ -383,10 +361,7 @@ class VfioDevice:
 
     def _map(self, fd: int, request_code: int, request: Any, operation: str, size: int) -> None:
         result = int(lib.shim_ioctl(fd, request_code, request))
-        if result == -errno.ENOMEM:
-            raise VfioError(self.name, operation, errno.ENOMEM, memlock_advice(size))
-        if result < 0:
-            raise VfioError(self.name, operation, -result, _advice(-result, operation))
+        self._checked(result, operation, advice.memlock(size) if result == -errno.ENOMEM else None)
 
     def unmap_dma(self, mapping: DmaMapping) -> None:
         if self._iommufd is not None:

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 from mediator._vfio_shim import ffi, lib
 
-from mediator.backends.sysfs import DeviceNotReady, find_function, group_blockers, normalize_bdf
-from mediator.backends.vfio import VfioDevice, VfioError, grow_noresize, memlock_advice
+from mediator.backends.advice import memlock as memlock_advice
+from mediator.backends.sysfs import DeviceNotReady, find_function, group_blockers
+from mediator.backends.vfio import VfioDevice, VfioError, grow_noresize
+from mediator.pci.address import AddressError, normalize_bdf
 
 VFIO_TYPE = ord(";")
 VFIO_BASE = 100
@@ -160,8 +162,10 @@ def test_a_variant_driver_counts_as_vfio(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("text", ["3b:00", "0000:3b:00.8", "gpu0", ""])
 def test_a_bad_address_is_refused(text: str) -> None:
-    with pytest.raises(DeviceNotReady, match="not a PCI address"):
+    with pytest.raises(AddressError, match="not a PCI address"):
         normalize_bdf(text)
+    with pytest.raises(DeviceNotReady, match="not a PCI address"):
+        find_function(text)
 
 
 def test_a_missing_function_is_refused(tmp_path: Path) -> None:
