@@ -30,7 +30,7 @@ Theory of operation:
   from a device that was not blocked; every reply is a reply header with
   the request's msg id and command, its size, and the error flag exactly
   when it carries an errno; a request with FLAG_NO_REPLY gets no bytes and
-  no fds; after ``close`` and ``release_client`` no DMA mapping or eventfd
+  no fds; after ``close`` and ``detach_client`` no DMA mapping or eventfd
   is left, no client memory stays mapped, and once the simulator is closed
   the process holds exactly the fds it held before the input. An input
   that blocks the loop is a hang, which libFuzzer's ``-timeout`` (10 s
@@ -237,14 +237,14 @@ def test_one_input(data: bytes) -> None:
     before = open_fds()
     backend = SimBackend(PROFILE)
     device = VirtualDevice(backend, PLAN)
-    device.establish()
+    device.apply_post_reset_writes()
     connection = Connection(LIMITS)
     service = DeviceService(device, connection)
     client = Client()
     UNEXPECTED_EVENTS.caught.clear()
     serve(decode(data), connection, service, client)
     connection.close()
-    device.release_client()
+    device.detach_client()
     assert len(device.dma) == 0, f"{len(device.dma)} DMA mappings left after the client"
     assert device.attached_eventfds == 0, f"{device.attached_eventfds} eventfds left after the client"
     client.close()

@@ -93,7 +93,7 @@ class ManagedDevice:
         self.spec = spec
         self.metrics = daemon.metrics.device(spec.name)
         self.device = device
-        device.metrics = self.metrics
+        device.events = self.metrics
         self._daemon = daemon
         self._lock = threading.Lock()  # admit, release and reload take turns
         self._admitted = False
@@ -105,6 +105,7 @@ class ManagedDevice:
 
     def _hand_off(self, reason: str, owner: Owner | None = None) -> HandOffRecord:
         record = self._daemon.handoff.run(self.device, owner or self.owner, reason, self.spec.reset)
+        self.metrics.handoff(record.ok)
         if record.ok:
             self._daemon.state.set_owner(self.spec.name, self.spec.tenant)
         self._publish_state()
@@ -175,18 +176,25 @@ class ManagedDevice:
             self._admitted = True
             return self.device, None
 
-    def release(self, requests: int) -> None:
+    def client_gone(self, requests: int) -> None:
         with self._lock:
             if not self._admitted:
                 return
             self._admitted = False
-            fabric = self._daemon.fabric
-            if requests or (fabric is not None and fabric.holds(self.spec.name)):
-                self._hand_off("client gone")
-            # else it never spoke and holds no partition: the device is as it was.
-            self._daemon.state.session_ended(self.spec.name)
-            if self._pending is not None:
-                self._adopt(*self._pending)
+            try:
+                self._after_client(requests)
+            except Exception:  # fail closed: the next client is refused until a hand-off succeeds
+                self.device.block("making the device ready after its last client failed; see the log")
+                raise
+
+    def _after_client(self, requests: int) -> None:
+        fabric = self._daemon.fabric
+        if requests or (fabric is not None and fabric.holds(self.spec.name)):
+            self._hand_off("client gone")
+        # else it never spoke and holds no partition: the device is as it was.
+        self._daemon.state.session_ended(self.spec.name)
+        if self._pending is not None:
+            self._adopt(*self._pending)
 
     def reconfigure(self, spec: DeviceSpec, plan: DevicePlan) -> str:
         """Take a reloaded spec and plan, now when idle, else when the client goes."""
@@ -201,7 +209,7 @@ class ManagedDevice:
         previous = self.owner
         self._pending = None
         self.spec = spec
-        self.device = VirtualDevice(self.device.backend, plan, metrics=self.metrics)
+        self.device = VirtualDevice(self.device.backend, plan, events=self.metrics)
         self._hand_off("config reloaded", previous)
 
 

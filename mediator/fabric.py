@@ -22,14 +22,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Mapping
+from typing import Literal, get_args
 
 import structlog
 
 from mediator.commands import run_command
-from mediator.metrics import FabricAction
 from mediator.settings import FabricSpec, expand
 
 log = structlog.get_logger("mediator.fabric")
+
+FabricAction = Literal["activate", "deactivate", "resync"]
+FABRIC_ACTIONS: tuple[FabricAction, ...] = get_args(FabricAction)
 
 
 class FabricError(Exception):

@@ -31,7 +31,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mediator.audit import audit_log
-from mediator.backends.base import ROM_REGION
 from mediator.commands import run_command
 from mediator.pci.bars import BarType
 from mediator.pci.chain import ChainError, walk
@@ -39,6 +38,7 @@ from mediator.pci.registers import Identity
 from mediator.pci.rom import RomError, check_rom
 from mediator.settings import HandoffSpec, ResetMode, expand
 from mediator.state import StateStore
+from mediator.vfio_abi import ROM_REGION
 from mediator.virt.device import VirtualDevice
 from mediator.virt.errors import DeviceError
 
@@ -152,9 +152,8 @@ class HandOff:
             where = None
             audit_log.error("hand-off record not kept", device=owner.name, why=str(e))
         failure = record.failure
-        device.metrics.handoff(failure is None)
         if failure is None:
-            device.blocked = None
+            device.unblock()
             audit_log.info("hand-off", ok=True, record=document, path=str(where) if where else None)
             return
         device.block(f"quarantined: {failure}")
@@ -184,16 +183,16 @@ def _timed(name: str, action: Callable[[], str]) -> Step:
 
 def _reset(device: VirtualDevice, mode: ResetMode) -> str:
     if mode == "none":
-        device.config.reset()
+        device.config.restore_shadow()
         raise _Skip('the config says this device is not reset between tenants (reset = "none")')
-    done = device.restart(bus=mode == "bus")
-    device.metrics.reset("handoff")
+    done = device.reset_hardware(bus=mode == "bus")
+    device.events.reset("handoff")
     return done
 
 
 def _release(device: VirtualDevice) -> str:
     mappings, eventfds = len(device.dma), device.attached_eventfds
-    device.release_client()
+    device.detach_client()
     return f"{mappings} DMA mappings, {eventfds} eventfds"
 
 
@@ -220,7 +219,7 @@ def _isolation(device: VirtualDevice) -> str:
     writes = device.plan.post_reset
     if not writes:
         raise _Skip("the policy has no post-reset writes for this device")
-    device.establish()
+    device.apply_post_reset_writes()
     verified = sum(1 for w in writes if w.verify)
     return f"{len(writes)} post-reset writes made, {verified} verified"
 

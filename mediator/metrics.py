@@ -41,14 +41,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar, get_args
 
 import structlog
 import trio
 
 from mediator import __version__
+from mediator.fabric import FABRIC_ACTIONS, FabricAction
 from mediator.unix_listener import accept
+from mediator.vfio_user.server import CLIENT_REFUSALS, ClientRefusal
 from mediator.vfio_user.wire import Command
+from mediator.virt.events import RESET_CAUSES, TRAPPED_ACTIONS, ResetCause, TrappedAction
 
 log = structlog.get_logger("mediator.metrics")
 
@@ -58,16 +61,8 @@ PREFIX = "vfio_mediator_"
 LATENCY_BOUNDS = (5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2, 0.1, 1.0)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-TrapAction = Literal["all-ones", "audit", "config-mirror", "padding", "raz-wi"]
-ResetCause = Literal["client", "guest", "handoff"]
-Refusal = Literal["blocked", "busy", "credentials"]
 DeviceState = Literal["blocked", "quarantined", "serving"]
-FabricAction = Literal["activate", "deactivate", "resync"]
-TRAP_ACTIONS: tuple[TrapAction, ...] = ("all-ones", "audit", "config-mirror", "padding", "raz-wi")
-RESET_CAUSES: tuple[ResetCause, ...] = ("client", "guest", "handoff")
-REFUSALS: tuple[Refusal, ...] = ("blocked", "busy", "credentials")
-DEVICE_STATES: tuple[DeviceState, ...] = ("blocked", "quarantined", "serving")
-FABRIC_ACTIONS: tuple[FabricAction, ...] = ("activate", "deactivate", "resync")
+DEVICE_STATES: tuple[DeviceState, ...] = get_args(DeviceState)
 
 _COMMAND_NAMES = {command.value: command.name for command in Command}
 UNKNOWN_COMMAND = "unknown"
@@ -363,7 +358,7 @@ class DeviceMetrics:
         self._lock = threading.Lock()
         self._requests: dict[int, tuple[Counter, Histogram]] = {}
         self._errors: dict[tuple[int, int], Counter] = {}
-        self._trapped = {action: families.trapped.labels(device, action) for action in TRAP_ACTIONS}
+        self._trapped = {action: families.trapped.labels(device, action) for action in TRAPPED_ACTIONS}
         self._dma_mappings = families.dma_mappings.labels(device)
         self._dma_pinned = families.dma_pinned.labels(device)
         self._resets = {cause: families.resets.labels(device, cause) for cause in RESET_CAUSES}
@@ -371,7 +366,7 @@ class DeviceMetrics:
             ok: families.handoffs.labels(device, "ok" if ok else "failed") for ok in (True, False)
         }
         self._connected = families.connected.labels(device)
-        self._refused = {reason: families.refused.labels(device, reason) for reason in REFUSALS}
+        self._refused = {reason: families.refused.labels(device, reason) for reason in CLIENT_REFUSALS}
         self._blocked = families.blocked.labels(device)
         self._states = {state: families.state.labels(device, state) for state in DEVICE_STATES}
         self.set_state("serving")
@@ -405,11 +400,11 @@ class DeviceMetrics:
                 self._errors[(command, errno_value)] = counter
         counter.value += 1
 
-    def trapped_access(self, action: TrapAction) -> None:
+    def trapped_access(self, action: TrappedAction) -> None:
         """One guest BAR access (or piece of one) answered by a trap window or the padding."""
         self._trapped[action].value += 1
 
-    def set_dma(self, mappings: int, pinned_bytes: int) -> None:
+    def dma_changed(self, mappings: int, pinned_bytes: int) -> None:
         """The client's DMA mappings now, after a map or unmap."""
         self._dma_mappings.set(mappings)
         self._dma_pinned.set(pinned_bytes)
@@ -428,7 +423,7 @@ class DeviceMetrics:
     def client_gone(self) -> None:
         self._connected.set(0)
 
-    def client_refused(self, reason: Refusal) -> None:
+    def client_refused(self, reason: ClientRefusal) -> None:
         with self._lock:
             self._refused[reason].inc()
 

@@ -85,11 +85,6 @@ class StateStore:
             return False
         return True
 
-    def quarantine_list(self) -> list[str]:
-        if self.directory is None:
-            return sorted(self._quarantined)
-        return sorted(p.stem for p in (self.directory / QUARANTINE).glob("*.json"))
-
     def keep_record(self, device: str, stamp: str, record: dict[str, Any]) -> Path | None:
         """Write a hand-off record; its path, or None without a state directory."""
         if self.directory is None:

@@ -65,7 +65,7 @@ def device(
     backend = SimBackend(prof)
     dev = VirtualDevice.open(backend, table, context)
     with contextlib.suppress(DeviceError):  # blocked, as the daemon would leave it
-        dev.establish()
+        dev.apply_post_reset_writes()
     return dev, backend
 
 

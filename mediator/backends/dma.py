@@ -21,8 +21,8 @@ import os
 from bisect import bisect_right
 from dataclasses import dataclass, field
 
-DMA_READ = 0x1
-DMA_WRITE = 0x2
+from mediator.vfio_abi import DMA_READ, DMA_WRITE
+
 IOVA_LIMIT = 1 << 64
 
 

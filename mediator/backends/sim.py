@@ -36,7 +36,13 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
-from mediator.backends.base import (
+from mediator.backends.base import BackendError, IrqInfo, RegionInfo
+from mediator.backends.dma import DmaError, DmaMapping, DmaTable
+from mediator.backends.profile import Behaviour, Profile
+from mediator.pci.bars import BarType
+from mediator.pci.registers import Identity
+from mediator.pci.rom import build_rom
+from mediator.vfio_abi import (
     IRQ_COUNT,
     IRQ_ERR,
     IRQ_INFO_AUTOMASKED,
@@ -53,15 +59,7 @@ from mediator.backends.base import (
     IRQ_SET_DATA_EVENTFD,
     IRQ_SET_DATA_NONE,
     ROM_REGION,
-    BackendError,
-    IrqInfo,
-    RegionInfo,
 )
-from mediator.backends.dma import DmaError, DmaMapping, DmaTable
-from mediator.backends.profile import Behaviour, Profile
-from mediator.pci.bars import BarType
-from mediator.pci.registers import Identity
-from mediator.pci.rom import build_rom
 
 CONFIG_WRITE_LOG = 1024
 PAGE = mmap.PAGESIZE

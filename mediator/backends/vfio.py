@@ -30,8 +30,13 @@ from typing import Any, Literal
 
 from mediator._vfio_shim import ffi, lib
 from mediator.backends import advice
-from mediator.backends.base import (
+from mediator.backends.base import BackendError, IrqInfo, RegionInfo
+from mediator.backends.dma import DmaMapping, DmaTable
+from mediator.backends.sysfs import PciFunction, find_function, group_blockers
+from mediator.pci.address import format_bdf
+from mediator.vfio_abi import (
     CONFIG_REGION,
+    DMA_WRITE,
     IRQ_INFO_NORESIZE,
     IRQ_SET_ACTION_TRIGGER,
     IRQ_SET_ACTION_TYPE,
@@ -39,13 +44,7 @@ from mediator.backends.base import (
     IRQ_SET_DATA_EVENTFD,
     IRQ_SET_DATA_NONE,
     VGA_REGION,
-    BackendError,
-    IrqInfo,
-    RegionInfo,
 )
-from mediator.backends.dma import DMA_WRITE, DmaMapping, DmaTable
-from mediator.backends.sysfs import PciFunction, find_function, group_blockers
-from mediator.pci.address import format_bdf
 
 BarAccess = Literal["mmap", "trap"]
 DEV_VFIO = Path("/dev/vfio")

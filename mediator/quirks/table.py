@@ -82,24 +82,6 @@ def selector_applies(selector: CapabilitySelector, cap: Capability, image: bytes
     return True
 
 
-def describe_selector(selector: CapabilitySelector) -> str:
-    if selector.std is not None:
-        text = f"std {selector.std}" if selector.std == "unknown" else f"std {selector.std:#04x}"
-    else:
-        text = f"ext {selector.ext}" if selector.ext == "unknown" else f"ext {selector.ext:#06x}"
-    extras = [
-        f"{key}={value:#x}"
-        for key, value in (
-            ("vsec_id", selector.vsec_id),
-            ("vsec_rev", selector.vsec_rev),
-            ("dvsec_vendor", selector.dvsec_vendor),
-            ("dvsec_id", selector.dvsec_id),
-        )
-        if value is not None
-    ]
-    return " ".join([text, *extras])
-
-
 def _check_selector(selector: CapabilitySelector, where: str) -> Iterable[Problem]:
     if (selector.std is None) == (selector.ext is None):
         yield f"{where}", "give exactly one of std or ext"

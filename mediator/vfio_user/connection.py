@@ -35,6 +35,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mediator.errors import Refused
 from mediator.vfio_user.wire import (
     FLAG_ERROR,
     FLAG_NO_REPLY,
@@ -58,12 +59,8 @@ class ProtocolError(Exception):
     """The byte stream can no longer be trusted; the connection must end."""
 
 
-class CommandError(Exception):
+class CommandError(Refused):
     """A command to refuse with ``errno``; the connection goes on."""
-
-    def __init__(self, errno_value: int, message: str) -> None:
-        super().__init__(message)
-        self.errno = errno_value
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ session ending, its device being handed off) waits for its turn. Each
 session runs the blocking message pump (``transport``) in a worker thread,
 between the lifecycle's hooks: ``admit`` gives the device this client gets
 (a reload swaps it between clients, never under one) and whether it may be
-served at all (quarantine, fabric partition); ``release`` hands the device
+served at all (quarantine, fabric partition); ``client_gone`` hands the device
 off once the client has gone (``mediator.handoff``), before the next client
 is taken. Cancelling ``serve`` shuts the client's socket so its pump ends
 and waits for that clean-up.
@@ -22,18 +22,17 @@ import select
 import socket
 import struct
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 import structlog
 import trio
 
-from mediator.audit import RateLimiter
-from mediator.metrics import DeviceMetrics
+from mediator.audit import Auditor, RateLimiter
 from mediator.unix_listener import accept
 from mediator.vfio_user.connection import Connection, Limits
+from mediator.vfio_user.model import DeviceModel, RequestEvents
 from mediator.vfio_user.service import DeviceService
 from mediator.vfio_user.transport import MessageSocket, pump
-from mediator.virt.device import VirtualDevice
 
 log = structlog.get_logger("mediator.vfio_user")
 
@@ -45,13 +44,32 @@ class Lifecycle(Protocol):
         """Whether this peer (SO_PEERCRED) may use the device at all."""
         ...
 
-    def admit(self) -> tuple[VirtualDevice, str | None]:
+    def admit(self) -> tuple[DeviceModel, str | None]:
         """The device this client gets, and why it must be refused (every request gets EPERM) or None."""
         ...
 
-    def release(self, requests: int) -> None:
-        """The client has gone after ``requests`` requests: make the device ready for the next one."""
+    def client_gone(self, requests: int) -> None:
+        """The client has gone after ``requests`` requests: make the device ready for the next one.
+
+        Whatever goes wrong here is the lifecycle's to handle (block the device);
+        an exception is logged and the next client is taken.
+        """
         ...
+
+
+# Why a client was turned away: the device is refused, it has a client, the peer may not use it.
+ClientRefusal = Literal["blocked", "busy", "credentials"]
+CLIENT_REFUSALS: tuple[ClientRefusal, ...] = get_args(ClientRefusal)
+
+
+class ServerEvents(RequestEvents, Protocol):
+    """What the server reports of a device's clients and their requests (the daemon's metrics)."""
+
+    def client_connected(self) -> None: ...
+
+    def client_gone(self) -> None: ...
+
+    def client_refused(self, reason: ClientRefusal) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -80,15 +98,13 @@ def peer_of(client: socket.socket) -> Peer:
 
 class DeviceServer:
     def __init__(
-        self, name: str, lifecycle: Lifecycle, metrics: DeviceMetrics, limits: Limits | None = None
+        self, name: str, lifecycle: Lifecycle, events: ServerEvents, limits: Limits | None = None
     ) -> None:
         self.name = name
         self.lifecycle = lifecycle
-        self.metrics = metrics
+        self.events = events
         self.limits = limits or Limits()
-        self.sessions = 0
-        self.refused = 0
-        self.service: DeviceService | None = None  # the live session's, for counters
+        self._refused_requests = Auditor()  # across sessions: a reconnecting client gets no new budget
         # One client at a time; the next one may wait while the last one's
         # device is handed off, a third is refused.
         self._turn = trio.Lock()
@@ -116,7 +132,7 @@ class DeviceServer:
                     client.close()
                     continue
                 if not self.lifecycle.allows(peer):
-                    self.metrics.client_refused("credentials")
+                    self.events.client_refused("credentials")
                     self._refuse(
                         client,
                         "refused a client: its user and groups may not use this device",
@@ -128,7 +144,7 @@ class DeviceServer:
                     )
                     continue
                 if self._waiting or (self._live and not self._live_client_hung_up()):
-                    self.metrics.client_refused("busy")
+                    self.events.client_refused("busy")
                     self._refuse(client, "refused a second client: the device has one", client=number)
                     continue
                 self._waiting = self._turn.locked()
@@ -142,7 +158,6 @@ class DeviceServer:
 
     def _refuse(self, connection: socket.socket, why: str, **fields: object) -> None:
         """Close a refused connection, logged through a rate limit: a local flood must not fill a journal."""
-        self.refused += 1
         connection.close()
         dropped = self._refusals_logged.allow()
         if dropped is not None:
@@ -166,7 +181,6 @@ class DeviceServer:
                 nursery.start_soon(_shut_on_cancel, client)
                 async with self._turn:
                     self._waiting, self._live, self._live_socket = False, True, client
-                    self.sessions += 1
                     await trio.to_thread.run_sync(self._run, client, number, peer)
                 nursery.cancel_scope.cancel()
         except Exception:  # a bug in one session must not stop this device's or another's serving
@@ -181,23 +195,24 @@ class DeviceServer:
             client.setblocking(True)
             device, refusal = self.lifecycle.admit()
             if refusal:
-                self.metrics.client_refused("blocked")
+                self.events.client_refused("blocked")
                 log.warning("client connected; it will be refused", pid=peer.pid, uid=peer.uid, why=refusal)
             else:
                 log.info("client connected", pid=peer.pid, uid=peer.uid)
-            self.metrics.client_connected()
-            connection = Connection(replace(self.limits, max_dma_maps=device.dma.max_mappings))
-            service = self.service = DeviceService(device, connection, refusal)
+            self.events.client_connected()
+            connection = Connection(replace(self.limits, max_dma_maps=device.max_dma_mappings))
+            service = DeviceService(
+                device, connection, refusal, events=self.events, auditor=self._refused_requests
+            )
             why = pump(MessageSocket(client, self.limits.max_msg_fds), connection, service)
             client.close()  # now, not after the hand-off: a slow one must not hold the fd
             self._live = False  # the next client may now connect and wait for the hand-off
-            self.metrics.client_gone()
+            self.events.client_gone()
             log.info("client gone", why=why, requests=service.handled)
             try:
-                self.lifecycle.release(service.handled)
+                self.lifecycle.client_gone(service.handled)
             except Exception:  # the daemon and its other devices keep going
-                log.exception("releasing the device after the client failed")
-                device.block("releasing the device after its last client failed; see the log")
+                log.exception("making the device ready after its client failed")
 
 
 async def _shut_on_cancel(client: socket.socket) -> None:

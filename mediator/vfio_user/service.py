@@ -1,10 +1,11 @@
-"""Serving one client's requests from a virtual device.
+"""Serving one client's requests from a device model (``mediator.vfio_user.model``).
 
 ``DeviceService.handle`` takes one request from the ``Connection`` and
 returns the reply bytes and the fds to send with them (borrowed: the sender
 must not close them). Every refusal becomes an error reply with an errno
-(``CommandError``/``DeviceError``; a failing backend is EIO);
-nothing a client sends escapes as an exception. Each handler checks its
+(``mediator.errors.Refused``: the protocol's ``CommandError``, the device's
+own); anything else raised is a bug, answered EIO and logged, so nothing a
+client sends escapes as an exception. Each handler checks its
 payload length and ``argsz`` before it reads a field. The client's fds are
 input too: interrupt fds must be eventfds and are made non-blocking.
 
@@ -26,20 +27,18 @@ from typing import Any
 
 import structlog
 
-from mediator.backends.base import (
-    BAR_REGIONS,
-    CONFIG_REGION,
+from mediator.audit import Auditor
+from mediator.errors import Refused
+from mediator.vfio_abi import (
+    DMA_READ,
+    DMA_WRITE,
     IRQ_COUNT,
     REGION_COUNT,
-    ROM_REGION,
-    BackendError,
 )
-from mediator.backends.dma import DMA_READ, DMA_WRITE
 from mediator.vfio_user import wire
 from mediator.vfio_user.connection import CommandError, Connection, Request
+from mediator.vfio_user.model import DeviceModel, NoRequestEvents, RequestEvents
 from mediator.vfio_user.wire import REGION_ACCESS, WRITE_MULTI_ENTRY, Command
-from mediator.virt.device import VirtualDevice
-from mediator.virt.errors import DeviceError
 
 log = structlog.get_logger("mediator.vfio_user")
 
@@ -64,12 +63,26 @@ def _fields(schema: Any, payload: bytes, name: str) -> Any:
 
 
 class DeviceService:
-    def __init__(self, device: VirtualDevice, connection: Connection, refusal: str | None = None) -> None:
-        """``refusal``: why this client must not be served at all (quarantine, fabric); None to serve it."""
+    def __init__(
+        self,
+        device: DeviceModel,
+        connection: Connection,
+        refusal: str | None = None,
+        *,
+        events: RequestEvents | None = None,
+        auditor: Auditor | None = None,
+    ) -> None:
+        """``refusal``: why this client must not be served at all (quarantine, fabric); None to serve it.
+
+        ``auditor`` writes the audit events of refused requests; the device's
+        server keeps one across sessions, so reconnecting does not refill its budget.
+        """
         self.device = device
         self.connection = connection
         self.refusal = refusal
-        self._observe = device.metrics.request  # bound once: it runs for every request
+        self.events = events or NoRequestEvents()
+        self.auditor = auditor or Auditor()
+        self._observe = self.events.request  # bound once: it runs for every request
         self.counts: Counter[int] = Counter()  # requests by command
         self.closing: str | None = None  # why the session must end once this reply is out
         self._handlers: dict[int, Callable[[Request], Reply]] = {
@@ -103,7 +116,7 @@ class DeviceService:
 
     def _handle(self, request: Request) -> Reply:
         self.counts[request.command] += 1
-        refusal = self.refusal or self.device.blocked
+        refusal = self.refusal or self.device.refusal
         if refusal:
             # Fail closed: every request, VERSION included, until the session ends.
             self.closing = f"the device is not served: {refusal}"
@@ -119,19 +132,17 @@ class DeviceService:
             ):
                 handler = self._checked_handler(request)
             payload, fds = handler(request)
-        except (CommandError, DeviceError) as e:
+        except Refused as e:
             return self._refuse(request, e.errno, str(e))
-        except BackendError as e:
-            return self._refuse(request, e.errno, f"device error: {e}")
         except Exception:  # a bug must not take the daemon down: the client gets EIO
             log.exception("request failed", msg_id=request.msg_id, command=request.command)
-            self.device.metrics.request_failed(request.command, errno.EIO)
+            self.events.request_failed(request.command, errno.EIO)
             return self.connection.error(request, errno.EIO), []
         return self.connection.reply(request, payload), fds
 
     def _refuse(self, request: Request, errno_value: int, why: str) -> Reply:
-        self.device.metrics.request_failed(request.command, errno_value)
-        self.device.auditor.refused(
+        self.events.request_failed(request.command, errno_value)
+        self.auditor.refused(
             msg_id=request.msg_id,
             command=_command_name(request.command),
             errno=errno.errorcode.get(errno_value, str(errno_value)),
@@ -195,7 +206,7 @@ class DeviceService:
 
     def _device_info(self, request: Request) -> Reply:
         _fields(wire.DeviceInfo, request.payload, "DEVICE_GET_INFO")
-        flags = wire.DEVICE_FLAGS_PCI | (wire.DEVICE_FLAGS_RESET if self.device.backend.can_reset else 0)
+        flags = wire.DEVICE_FLAGS_PCI | (wire.DEVICE_FLAGS_RESET if self.device.can_reset else 0)
         return wire.DeviceInfo.build(
             {
                 "argsz": wire.DeviceInfo.sizeof(),
@@ -210,21 +221,17 @@ class DeviceService:
         index, argsz = p.index, p.argsz
         if index >= REGION_COUNT:
             raise CommandError(errno.EINVAL, f"no region {index}")
-        size = self.device.region_size(index)
+        region = self.device.region(index)
+        size = region.size
         flags = 0
         if size:
-            flags = wire.REGION_FLAG_READ
-            if index in BAR_REGIONS or index == CONFIG_REGION:
-                flags |= wire.REGION_FLAG_WRITE
+            flags = wire.REGION_FLAG_READ | (wire.REGION_FLAG_WRITE if region.writable else 0)
         caps = b""
-        fd_offset = None
-        bar = self.device.plan.bar(index) if index in (*BAR_REGIONS, ROM_REGION) else None
-        mappable = self.device.region_fd(index) if bar is not None else None
-        if bar is not None and mappable is not None:
+        fd_offset = region.mapping
+        if fd_offset is not None:
             flags |= wire.REGION_FLAG_MMAP
-            fd_offset = mappable
-            if bar.mmap_areas != ((0, size),):
-                caps = _sparse_mmap(bar.mmap_areas)
+            if region.mmap_areas != ((0, size),):
+                caps = _sparse_mmap(region.mmap_areas)
         needed = wire.RegionInfo.sizeof() + len(caps)
         info = {"index": index, "size": size, "offset": fd_offset[1] if fd_offset else 0}
         if argsz < needed:  # first step: say how much room the caps need; no caps, no fd
@@ -302,7 +309,7 @@ class DeviceService:
 
     def _reset(self, request: Request) -> Reply:
         del request
-        self.device.reset("the client's DEVICE_RESET", "client")
+        self.device.reset()
         return b"", []
 
     def _feature(self, request: Request) -> Reply:

@@ -68,7 +68,7 @@ class ConfigView:
         # keyed by offset << 4 | length (length <= CACHED_ACCESS < 16): no tuple per lookup
         self._read_plans: dict[int, tuple[int, tuple[tuple[int, int], ...]]] = {}
 
-    def reset(self) -> None:
+    def restore_shadow(self) -> None:
         self.shadow[:] = self._initial
 
     def _check(self, offset: int, length: int) -> None:

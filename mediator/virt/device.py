@@ -12,14 +12,20 @@ trap-window and padding boundaries:
 - everything else goes to the backend.
 
 An access past the virtual size is a ``RegionAccessError``: the guest cannot
-have mapped it. ``reset`` resets the backend, restores the shadow, and then
-makes the plan's post-reset writes (``establish``) before anything else can
+have mapped it. A reset the guest or the client asks for resets the hardware
+(``reset_hardware``), restores the shadow, and then makes the plan's
+post-reset writes (``apply_post_reset_writes``) before anything else can
 touch the device; a protection that does not hold blocks the device.
+
+The device is the vfio-user server's ``DeviceModel``: a backend's failure
+reaches the server as a ``DeviceError`` with the backend's errno, and what
+the device sees (trapped accesses, DMA changes, resets) goes to the
+``DeviceEvents`` it was given.
 
 The device also holds what a client attaches: DMA mappings (a ``DmaTable``
 the backend reaches guest memory through) and interrupt eventfds, validated
 the way vfio-pci validates VFIO_DEVICE_SET_IRQS and owned here until they are
-replaced or the client goes (``release_client``). Every refusal is a
+replaced or the client goes (``detach_client``). Every refusal is a
 ``DeviceError`` carrying the errno the client should get.
 """
 
@@ -30,11 +36,16 @@ import errno
 import os
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import structlog
 
 from mediator.audit import Auditor, audit_log
-from mediator.backends.base import (
+from mediator.backends.base import Backend, BackendError, IrqInfo
+from mediator.backends.dma import DmaError, DmaMapping, DmaTable, release
+from mediator.pci.registers import Identity
+from mediator.quirks.table import QuirkTable
+from mediator.vfio_abi import (
     BAR_REGIONS,
     CONFIG_REGION,
     IRQ_COUNT,
@@ -52,16 +63,10 @@ from mediator.backends.base import (
     IRQ_SET_DATA_NONE,
     IRQ_SET_DATA_TYPE,
     ROM_REGION,
-    Backend,
-    BackendError,
-    IrqInfo,
 )
-from mediator.backends.dma import DmaError, DmaMapping, DmaTable, release
-from mediator.metrics import DeviceMetrics, Registry, ResetCause
-from mediator.pci.registers import Identity
-from mediator.quirks.table import QuirkTable
 from mediator.virt.config_view import ConfigView
 from mediator.virt.errors import DeviceError, RegionAccessError
+from mediator.virt.events import NO_EVENTS, DeviceEvents, ResetCause
 from mediator.virt.plan import DeviceContext, DevicePlan, PostResetWrite, TrapWindow, VirtualBar, build_plan
 
 log = structlog.get_logger("mediator.virt")
@@ -72,20 +77,33 @@ _PADDING = "padding"
 _DEVICE = "device"
 
 
+@dataclass(frozen=True)
+class RegionView:
+    """A region as the guest sees it (the server's ``RegionDescription``)."""
+
+    size: int
+    writable: bool
+    mmap_areas: tuple[tuple[int, int], ...] = ()
+    mapping: tuple[int, int] | None = None
+
+
+def _device_error(error: BackendError) -> DeviceError:
+    return DeviceError(error.errno, f"device error: {error}")
+
+
 class VirtualDevice:
     def __init__(
         self,
         backend: Backend,
         plan: DevicePlan,
         max_dma_mappings: int = 65535,
-        metrics: DeviceMetrics | None = None,
+        events: DeviceEvents = NO_EVENTS,
     ) -> None:
         self.backend = backend
         self.plan = plan
         self.config = ConfigView(plan.segments, plan.initial_shadow, backend, plan.reset_triggers)
         self.auditor = Auditor()
-        # The daemon's series for this device; a device nobody exports counts into its own.
-        self.metrics = metrics or DeviceMetrics(Registry(), "unexported")
+        self.events = events
         self._straggler: threading.Thread | None = None  # a guest's reset still running past its deadline
         # Why the device must not be served (a protection that could not be
         # established, quarantine); None while it may be.
@@ -121,12 +139,28 @@ class VirtualDevice:
         regions = [backend.region_info(index) for index in (*BAR_REGIONS, ROM_REGION)]
         return build_plan(image, table.for_device(Identity.of(image)), regions, context)
 
-    def region_size(self, index: int) -> int:
-        """The size the guest sees."""
+    # what the server asks of a DeviceModel besides regions, interrupts, DMA and reset
+    @property
+    def refusal(self) -> str | None:
+        return self.blocked
+
+    @property
+    def can_reset(self) -> bool:
+        return self.backend.can_reset
+
+    @property
+    def max_dma_mappings(self) -> int:
+        return self.dma.max_mappings
+
+    def region(self, index: int) -> RegionView:
+        """The guest's view of a region: size, writability, what a client may mmap and through which fd."""
         if index == CONFIG_REGION:
-            return self.config.size
-        bar = self.plan.bar(index)
-        return bar.virtual_size if bar else 0
+            return RegionView(self.config.size, writable=True)
+        bar = self.plan.bar(index) if index in (*BAR_REGIONS, ROM_REGION) else None
+        if bar is None:
+            return RegionView(0, writable=False)
+        mapping = self.backend.region_fd(index) if bar.mmap_areas else None
+        return RegionView(bar.virtual_size, index != ROM_REGION, bar.mmap_areas if mapping else (), mapping)
 
     def _bar(self, index: int, offset: int, length: int) -> VirtualBar:
         bar = self.plan.bar(index)
@@ -158,15 +192,21 @@ class VirtualDevice:
             offset = stop
 
     def read_region(self, index: int, offset: int, length: int) -> bytes:
-        if index == CONFIG_REGION:
-            return self.config.read(offset, length)
+        try:
+            if index == CONFIG_REGION:
+                return self.config.read(offset, length)
+            return self._read_bar(index, offset, length)
+        except BackendError as e:
+            raise _device_error(e) from None
+
+    def _read_bar(self, index: int, offset: int, length: int) -> bytes:
         bar = self._bar(index, offset, length)
         out = bytearray()
         for start, stop, handler in self._pieces(bar, offset, length):
             if handler == _DEVICE:
                 out += self.backend.read_region(index, start, stop - start)
             elif handler == _PADDING:
-                self.metrics.trapped_access("padding")
+                self.events.trapped_access("padding")
                 out += b"\xff" * (stop - start)
             else:
                 assert isinstance(handler, TrapWindow)
@@ -174,10 +214,16 @@ class VirtualDevice:
         return bytes(out)
 
     def write_region(self, index: int, offset: int, data: bytes) -> None:
-        if index == CONFIG_REGION:
-            if self.config.write(offset, data):
-                self.reset("the guest's function-level reset (config write)")
-            return
+        try:
+            if index == CONFIG_REGION:
+                if self.config.write(offset, data):
+                    self._reset_within_deadline("the guest's function-level reset (config write)", "guest")
+                return
+            self._write_bar(index, offset, data)
+        except BackendError as e:
+            raise _device_error(e) from None
+
+    def _write_bar(self, index: int, offset: int, data: bytes) -> None:
         if index == ROM_REGION:
             raise DeviceError(errno.EPERM, "the expansion ROM is read-only")
         bar = self._bar(index, offset, len(data))
@@ -188,7 +234,7 @@ class VirtualDevice:
             elif isinstance(handler, TrapWindow):
                 self._trap_write(handler, start, piece)
             else:
-                self.metrics.trapped_access("padding")
+                self.events.trapped_access("padding")
 
     def _config_span(self, window: TrapWindow, start: int, stop: int) -> tuple[int, int]:
         """The part of a config-mirror access that falls inside the config space."""
@@ -216,10 +262,12 @@ class VirtualDevice:
         elif window.action == "config-mirror":
             first, inside = self._config_span(window, start, start + len(data))
             if inside and self.config.write(first, data[:inside]):
-                self.reset("the guest's function-level reset (through the BAR0 config mirror)")
+                self._reset_within_deadline(
+                    "the guest's function-level reset (through the BAR0 config mirror)", "guest"
+                )
 
     def _audit(self, window: TrapWindow, start: int, direction: str, data: bytes) -> None:
-        self.metrics.trapped_access(window.action)
+        self.events.trapped_access(window.action)
         event = "guest access" if window.action == "audit" else "guest access trapped"
         self.auditor.access(
             event,
@@ -231,15 +279,8 @@ class VirtualDevice:
             action=window.action,
         )
 
-    def region_fd(self, index: int) -> tuple[int, int] | None:
-        """(fd, file offset) a client may mmap the region's ``mmap_areas`` through."""
-        bar = self.plan.bar(index)
-        if bar is None or not bar.mmap_areas:
-            return None
-        return self.backend.region_fd(index)
-
     # DMA
-    def dma_map(self, iova: int, size: int, flags: int, fd: int | None, offset: int) -> DmaMapping:
+    def dma_map(self, iova: int, size: int, flags: int, fd: int | None, offset: int) -> None:
         """Map guest memory; ``fd`` stays the caller's (the mapping keeps its own mmap)."""
         try:
             mapping = self.dma.map(iova, size, flags, fd, offset)
@@ -247,38 +288,42 @@ class VirtualDevice:
             raise DeviceError(e.errno, str(e)) from None
         try:
             self.backend.dma_map(mapping)
+        except BackendError as e:
+            release(self.dma.unmap(iova, size))
+            raise _device_error(e) from None
         except Exception:
             release(self.dma.unmap(iova, size))
             raise
-        self.metrics.set_dma(len(self.dma), self.dma.backed_bytes)
-        return mapping
+        self.events.dma_changed(len(self.dma), self.dma.backed_bytes)
 
-    def dma_unmap(self, iova: int, size: int) -> list[DmaMapping]:
+    def dma_unmap(self, iova: int, size: int) -> None:
         try:
             removed = self.dma.unmap(iova, size)
         except DmaError as e:
             raise DeviceError(e.errno, str(e)) from None
         self._release_mappings(removed)
-        return removed
 
-    def dma_unmap_all(self) -> list[DmaMapping]:
-        removed = self.dma.unmap_all()
-        self._release_mappings(removed)
-        return removed
+    def dma_unmap_all(self) -> None:
+        self._release_mappings(self.dma.unmap_all())
 
     def _release_mappings(self, mappings: list[DmaMapping]) -> None:
         try:
             for mapping in mappings:
                 self.backend.dma_unmap(mapping)
+        except BackendError as e:
+            raise _device_error(e) from None
         finally:
             release(mappings)
-            self.metrics.set_dma(len(self.dma), self.dma.backed_bytes)
+            self.events.dma_changed(len(self.dma), self.dma.backed_bytes)
 
     # interrupts
     def irq_info(self, index: int) -> IrqInfo:
         if not 0 <= index < IRQ_COUNT:
             raise DeviceError(errno.EINVAL, f"no interrupt index {index}")
-        return self.backend.irq_info(index)
+        try:
+            return self.backend.irq_info(index)
+        except BackendError as e:
+            raise _device_error(e) from None
 
     def set_irqs(
         self, index: int, flags: int, start: int, count: int, *, fds: Sequence[int] = (), bools: bytes = b""
@@ -324,7 +369,10 @@ class VirtualDevice:
             raise DeviceError(errno.EINVAL, "file descriptors without DATA_EVENTFD")
         eventfds = list(fds) if fds else [-1] * count
         data: Sequence[int] = eventfds if data_type == IRQ_SET_DATA_EVENTFD else list(bools)
-        self.backend.set_irqs(index, flags, start, count, data)
+        try:
+            self.backend.set_irqs(index, flags, start, count, data)
+        except BackendError as e:
+            raise _device_error(e) from None
         self._own_irq_fds(index, flags, start, count, data)
 
     def _own_irq_fds(self, index: int, flags: int, start: int, count: int, data: Sequence[int]) -> None:
@@ -352,7 +400,7 @@ class VirtualDevice:
     def attached_eventfds(self) -> int:
         return len(self._irq_fds) + len(self._resample_fds)
 
-    def release_client(self) -> None:
+    def detach_client(self) -> None:
         """What a departing client leaves behind goes: DMA mappings and eventfds.
 
         The hand-off (``mediator.handoff``) then resets and checks the device.
@@ -363,7 +411,7 @@ class VirtualDevice:
                 self.backend.set_irqs(index, IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER, 0, 0, [])
                 self._own_irq_fds(index, IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER, 0, 0, [])
 
-    def restart(self, *, bus: bool = False) -> str:
+    def reset_hardware(self, *, bus: bool = False) -> str:
         """Reset the hardware and restore the virtual state; no post-reset writes yet.
 
         A bus reset when ``bus`` is asked and the backend can reset this
@@ -387,17 +435,21 @@ class VirtualDevice:
                 obstacle = f"the bus reset failed: {e}"
                 log.warning("bus reset failed; falling back to a function reset", why=str(e))
             else:
-                self.config.reset()
+                self.config.restore_shadow()
                 return "bus reset"
         if self.backend.can_reset:
             self.backend.reset()
-            self.config.reset()
+            self.config.restore_shadow()
             return "function reset" + (f" ({obstacle})" if obstacle else "")
         why = "the device has no reset method (no FLR, PM or bus reset)"
         raise DeviceError(errno.ENOTTY, why + (f"; {obstacle}" if obstacle else ""))
 
-    def reset(self, cause: str, source: ResetCause = "guest") -> None:
-        """A reset the guest (or the client, ``source``) asked for, done by the daemon.
+    def reset(self) -> None:
+        """The client's DEVICE_RESET; see ``_reset_within_deadline``."""
+        self._reset_within_deadline("the client's DEVICE_RESET", "client")
+
+    def _reset_within_deadline(self, cause: str, source: ResetCause) -> None:
+        """A reset the guest or the client (``source``) asked for, done by the daemon.
 
         Reset, restore the virtual state, make the post-reset writes, all
         within ``GUEST_RESET_DEADLINE``: the client waits for the answer and
@@ -434,15 +486,15 @@ class VirtualDevice:
 
     def _reset_now(self, cause: str, source: ResetCause) -> None:
         try:
-            done = self.restart()
+            done = self.reset_hardware()
         except BackendError as e:
             self.block(f"a reset failed ({e}); the device is handed off before it is served again")
             raise DeviceError(errno.EIO, self.blocked or "") from None
-        self.metrics.reset(source)
+        self.events.reset(source)
         audit_log.info("guest reset", cause=cause, reset=done, post_reset_writes=len(self.plan.post_reset))
-        self.establish()
+        self.apply_post_reset_writes()
 
-    def establish(self) -> None:
+    def apply_post_reset_writes(self) -> None:
         """Make the plan's post-reset writes and check the verified ones hold; block the device if not.
 
         Raises:
@@ -470,6 +522,10 @@ class VirtualDevice:
         """Refuse to serve the device until the cause is fixed."""
         self.blocked = reason
         log.error("device blocked", why=reason)
+
+    def unblock(self) -> None:
+        """Serve the device again: a hand-off found it clean."""
+        self.blocked = None
 
     def _post_reset_write(self, write: PostResetWrite) -> None:
         if write.op == "write":

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import errno
 
+from mediator.errors import Refused
 
-class DeviceError(Exception):
-    """A request the device refuses, with the errno to report."""
 
-    def __init__(self, errno_value: int, message: str) -> None:
-        super().__init__(message)
-        self.errno = errno_value
+class DeviceError(Refused):
+    """A request the device refuses, or a device that failed it, with the errno to report."""
 
 
 class RegionAccessError(DeviceError):

@@ -34,7 +34,7 @@ import mmap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from mediator.backends.base import ROM_REGION, RegionInfo
+from mediator.backends.base import RegionInfo
 from mediator.pci import capabilities as caps
 from mediator.pci.bars import MAX_32BIT_BAR, BarType, format_size, virtual_bar_size
 from mediator.pci.capabilities import CapKind
@@ -55,6 +55,7 @@ from mediator.pci.registers import (
 )
 from mediator.quirks.schema import GapPolicy, Quirk, RegisterRule, Synthesis, TrapAction
 from mediator.quirks.table import selector_applies
+from mediator.vfio_abi import ROM_REGION
 from mediator.virt.rules import RuleKind, Segment
 
 PAGE_SIZE = mmap.PAGESIZE

@@ -10,6 +10,7 @@ QEMU comes from ``scripts/testbed qemu``, which installs it on first use.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import socket
@@ -25,9 +26,10 @@ import trio
 
 from mediator.backends.sim import SimBackend
 from mediator.daemon import Daemon
+from mediator.metrics import DeviceMetrics
 from mediator.settings import DeviceSpec, Settings
 from mediator.unix_listener import bind_unix
-from mediator.vfio_user.server import DeviceServer
+from mediator.vfio_user.server import ClientRefusal, DeviceServer
 from mediator.vfio_user.wire import Command
 from mediator.virt.device import VirtualDevice
 
@@ -47,9 +49,39 @@ def qemu_binary() -> str:
     return result.stdout.strip()
 
 
+class CountingEvents:
+    """The device's metrics, and what a test asks of them: requests of the live session, sessions, refusals."""
+
+    def __init__(self, metrics: DeviceMetrics) -> None:
+        self.metrics = metrics
+        self.requests: collections.Counter[int] = collections.Counter()
+        self.sessions = 0
+        self.refused = 0
+
+    def request(self, command: int, seconds: float) -> None:
+        self.requests[command] += 1
+        self.metrics.request(command, seconds)
+
+    def request_failed(self, command: int, errno_value: int) -> None:
+        self.metrics.request_failed(command, errno_value)
+
+    def client_connected(self) -> None:
+        self.sessions += 1
+        self.requests.clear()
+        self.metrics.client_connected()
+
+    def client_gone(self) -> None:
+        self.metrics.client_gone()
+
+    def client_refused(self, reason: ClientRefusal) -> None:
+        self.refused += 1
+        self.metrics.client_refused(reason)
+
+
 @dataclass
 class Served:
     server: DeviceServer
+    events: CountingEvents
     device: VirtualDevice
     backend: SimBackend
     socket: Path
@@ -60,8 +92,7 @@ class Served:
 
     def counts(self) -> dict[str, int]:
         """Requests of the live session, by command name."""
-        service = self.server.service
-        return {Command(c).name: n for c, n in service.counts.items()} if service else {}
+        return {Command(c).name: n for c, n in self.events.requests.items()}
 
 
 @contextlib.contextmanager
@@ -78,7 +109,8 @@ def served(profile_name: str, folder: Path, *, quirk_files: tuple[Path, ...] = (
     backend = device.backend
     assert isinstance(backend, SimBackend)
     listener = bind_unix(path)
-    state = Served(DeviceServer(profile_name, managed, managed.metrics), device, backend, path)
+    events = CountingEvents(managed.metrics)
+    state = Served(DeviceServer(profile_name, managed, events), events, device, backend, path)
     started = threading.Event()
 
     async def main() -> None:

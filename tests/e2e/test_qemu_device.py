@@ -159,14 +159,14 @@ def test_one_client_at_a_time_and_a_clean_device_for_the_next(tmp_path: Path) ->
             intruder.settimeout(5)
             assert intruder.recv(16) == b""  # refused: the device has its client
             intruder.close()
-            assert dev.server.refused == 1
+            assert dev.events.refused == 1
             resets = dev.backend.resets
         deadline = time.monotonic() + 10
-        while dev.server.sessions == 1 and (len(dev.device.dma) or dev.backend.resets == resets):
+        while dev.events.sessions == 1 and (len(dev.device.dma) or dev.backend.resets == resets):
             assert time.monotonic() < deadline, "the daemon did not clean up after the client"
             time.sleep(0.05)
         assert len(dev.device.dma) == 0 and dev.device.attached_eventfds == 0
         assert dev.backend.resets > resets
         with Machine(dev.socket, behind_root_port=False) as second:  # the daemon keeps serving
             assert second.cfg_read(0, 4) == 0x233010DE
-        assert dev.server.sessions == 2
+        assert dev.events.sessions == 2

@@ -162,7 +162,7 @@ class Session(Client):
     def close(self) -> None:
         self.client.close()
         self.thread.join(10)
-        self.device.release_client()
+        self.device.detach_client()
         self.backend.close()
 
     def __enter__(self) -> Session:

@@ -7,7 +7,7 @@ import os
 import struct
 import time
 
-from mediator.backends.base import (
+from mediator.vfio_abi import (
     IRQ_INTX,
     IRQ_MSIX,
     IRQ_SET_ACTION_TRIGGER,

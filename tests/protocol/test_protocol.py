@@ -10,7 +10,7 @@ import struct
 import pytest
 from structlog.testing import capture_logs
 
-from mediator.backends.base import (
+from mediator.vfio_abi import (
     IRQ_INTX,
     IRQ_MSIX,
     IRQ_SET_ACTION_MASK,
@@ -340,4 +340,4 @@ def test_a_flood_of_refused_requests_cannot_flood_the_log() -> None:
     refusals = [e for e in logs if e["event"] == "request refused"]
     assert 0 < len(refusals) <= 250  # a burst of 200 and 50 a second
     assert refusals[0]["audit"] is True and refusals[0]["command"] == "REGION_READ"
-    assert session.device.auditor.events == 1000
+    assert session.service.auditor.events == 1000

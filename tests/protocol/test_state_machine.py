@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from mediator.backends.base import IRQ_MSIX, IRQ_SET_ACTION_TRIGGER, IRQ_SET_DATA_EVENTFD, IRQ_SET_DATA_NONE
+from mediator.vfio_abi import IRQ_MSIX, IRQ_SET_ACTION_TRIGGER, IRQ_SET_DATA_EVENTFD, IRQ_SET_DATA_NONE
 from mediator.vfio_user.wire import HEADER, Command
 from tests.protocol.client import Reply, Session, open_fds, opened_since
 
@@ -179,7 +179,7 @@ class ClientSession(RuleBasedStateMachine):
     @invariant()
     def device_holds_what_the_model_holds(self) -> None:
         if self.hung_up:  # what the client left goes when the daemon releases the device
-            self.session.device.release_client()
+            self.session.device.detach_client()
             self.mapped.clear()
             self.vectors.clear()
         assert sorted((m.iova, m.size) for m in self.session.device.dma.mappings()) == sorted(

@@ -160,7 +160,7 @@ def test_reset_restores_the_initial_shadow() -> None:
     dev.config.write(0x10, b"\xff\xff\xff\xff")
     dev.config.write(0x3C, b"\x42")
     assert dev.config.read(0, 4096) != initial
-    dev.reset("a test")
+    dev.reset()
     assert dev.config.read(0, 4096) == initial
 
 

@@ -53,7 +53,7 @@ def test_the_guest_cannot_re_enable_a_link_by_writing_or_resetting() -> None:
     assert sim.resets == 1
     assert link_disable(sim) == foreign
     assert not u16(dev.config.read(PCIE + 8, 2), 0) & 0x8000
-    dev.reset("a test")  # as VFIO_USER_DEVICE_RESET does
+    dev.reset()  # as VFIO_USER_DEVICE_RESET does
     assert sim.resets == 2
     assert link_disable(sim) == foreign
 
@@ -90,7 +90,7 @@ def test_a_reset_that_loses_isolation_blocks_the_device() -> None:
     sim.profile = isolation_that_does_not_hold()  # the register drops to 0 and stops taking writes
     sim.memory(0)[LINK_DISABLE : LINK_DISABLE + 4] = bytes(4)
     with pytest.raises(DeviceError) as failure:
-        dev.reset("a test")
+        dev.reset()
     assert failure.value.errno == errno.EIO
     assert dev.blocked is not None
 

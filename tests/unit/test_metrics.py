@@ -172,7 +172,7 @@ def test_every_daemon_series_is_exported_and_parses() -> None:
     gpu.request_failed(Command.DMA_MAP, 12)
     gpu.trapped_access("config-mirror")
     gpu.trapped_access("padding")
-    gpu.set_dma(mappings=3, pinned_bytes=8 << 30)
+    gpu.dma_changed(mappings=3, pinned_bytes=8 << 30)
     gpu.reset("client")
     gpu.handoff(ok=False)
     gpu.client_connected()

@@ -183,7 +183,7 @@ post_reset = [
     bar4 = dev.plan.bar(4)
     assert bar4 is not None and not bar4.type.prefetchable and bar4.physical_type.prefetchable
     sim.write_region(0, 0x200, (0x11).to_bytes(4, "little"))
-    dev.reset("a test")
+    dev.reset()
     assert int.from_bytes(sim.read_region(0, 0x200, 4), "little") == 0x02000011
     assert int.from_bytes(sim.read_region(0, 0x12004C, 4), "little") == 4
     assert sim.resets == 1
