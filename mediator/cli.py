@@ -26,13 +26,13 @@ import trio
 
 from mediator import __version__, log, preflight
 from mediator.audit import audit_log
-from mediator.backends.base import BackendError
+from mediator.backends.base import BAR_ACCESS_MODES, BackendError
 from mediator.backends.profile import DEFAULT_PROFILE, load_profile, resolve_profile, shipped_profiles
 from mediator.backends.sim import SimBackend
 from mediator.backends.sysfs import DeviceNotReady
 from mediator.daemon import Daemon, open_device
 from mediator.errors import InputError, InputErrors
-from mediator.handoff import HandOff, Owner
+from mediator.handoff import HandOff, HandOffReason, Owner
 from mediator.pci.address import AddressError, normalize_bdf
 from mediator.pci.chain import ChainError
 from mediator.pci.registers import Identity
@@ -43,6 +43,7 @@ from mediator.state import StateError, StateStore
 from mediator.unix_listener import SocketError
 from mediator.virt.device import VirtualDevice
 from mediator.virt.plan import PlanError
+from mediator.virt.reset import RESET_MODES
 
 EXIT_OK = 0
 EXIT_DEVICE = 1
@@ -211,7 +212,7 @@ def cmd_scrub(args: argparse.Namespace) -> int:
     device, _ = open_device(settings, spec)
     try:
         record = HandOff(settings.handoff, state).run(
-            device, Owner(spec.name, spec.bdf, spec.tenant), "on demand"
+            device, Owner(spec.name, spec.bdf, spec.tenant), HandOffReason.ON_DEMAND
         )
     finally:
         device.backend.close()
@@ -267,7 +268,7 @@ def _device_arguments(command: argparse.ArgumentParser) -> None:
     )
     command.add_argument(
         "--bar-access",
-        choices=["mmap", "trap"],
+        choices=BAR_ACCESS_MODES,
         default="mmap",
         help="mmap: the client maps BAR pages outside trap windows through the VFIO device fd "
         "(native speed); trap: no fd leaves the daemon and every BAR access is a message",
@@ -286,7 +287,7 @@ def _device_arguments(command: argparse.ArgumentParser) -> None:
 def _reset_argument(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--reset",
-        choices=["bus", "function", "none"],
+        choices=RESET_MODES,
         help="how the hand-off resets the device: a secondary bus reset where possible (default), "
         "a function reset, or none (for a device with no reset method, which is otherwise quarantined)",
     )
@@ -303,7 +304,8 @@ def parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         help="serve a device to a vfio-user client (QEMU) on a UNIX socket",
-        description="Serve a simulated device profile over vfio-user until SIGTERM or SIGINT.",
+        description="Serve a real PCI function (--device) or a simulated profile (--profile) over vfio-user, "
+        "or every device of a daemon config (--config), until SIGTERM or SIGINT.",
     )
     _device_arguments(serve)
     _reset_argument(serve)
@@ -359,7 +361,7 @@ def parser() -> argparse.ArgumentParser:
         "inspect",
         help="show a device and the guest's view of it, side by side",
         description="Show the physical and the guest-visible config space, capabilities, BARs and "
-        "every policy decision for a simulated device profile.",
+        "every policy decision for a real function or a simulated device profile.",
     )
     _device_arguments(inspect)
     inspect.add_argument(

@@ -40,7 +40,7 @@ from mediator.backends.sysfs import DeviceNotReady
 from mediator.backends.vfio import VfioBackend
 from mediator.errors import InputErrors
 from mediator.fabric import Fabric, FabricError
-from mediator.handoff import HandOff, HandOffRecord, Owner
+from mediator.handoff import HandOff, HandOffReason, HandOffRecord, Owner
 from mediator.metrics import Metrics, serve_metrics, write_textfile_periodically
 from mediator.pci.chain import ChainError
 from mediator.quirks.table import QuirkTable
@@ -103,8 +103,8 @@ class ManagedDevice:
     def owner(self) -> Owner:
         return Owner(self.spec.name, self.spec.bdf, self.spec.tenant)
 
-    def _hand_off(self, reason: str, owner: Owner | None = None) -> HandOffRecord:
-        record = self._daemon.handoff.run(self.device, owner or self.owner, reason, self.spec.reset)
+    def _hand_off(self, reason: HandOffReason, owner: Owner | None = None, detail: str = "") -> HandOffRecord:
+        record = self._daemon.handoff.run(self.device, owner or self.owner, reason, self.spec.reset, detail)
         self.metrics.handoff(record.ok)
         if record.ok:
             self._daemon.state.set_owner(self.spec.name, self.spec.tenant)
@@ -125,10 +125,10 @@ class ManagedDevice:
         previous = self._daemon.state.owners().get(self.spec.name, self.spec.tenant)
         owner = Owner(self.spec.name, self.spec.bdf, previous)
         if left_session is not None:
-            self._hand_off(f"recovery: the daemon stopped with a client attached ({left_session})", owner)
+            self._hand_off(HandOffReason.RECOVERY, owner, detail=str(left_session))
             self._daemon.state.session_ended(self.spec.name)
         else:
-            self._hand_off("daemon start", owner)
+            self._hand_off(HandOffReason.DAEMON_START, owner)
 
     def _quarantine_reason(self) -> str | None:
         record = self._daemon.state.quarantined(self.spec.name)
@@ -153,7 +153,7 @@ class ManagedDevice:
             if reason is not None:
                 return self.device, reason
             # Released by an operator, or a protection failed: start again.
-            if self.device.blocked and not self._hand_off("before serving a blocked device").ok:
+            if self.device.blocked and not self._hand_off(HandOffReason.BLOCKED).ok:
                 return self.device, self.device.blocked
             # Recorded first: a daemon that dies with this client must hand the device off at its next start.
             try:
@@ -190,7 +190,7 @@ class ManagedDevice:
     def _after_client(self, requests: int) -> None:
         fabric = self._daemon.fabric
         if requests or (fabric is not None and fabric.holds(self.spec.name)):
-            self._hand_off("client gone")
+            self._hand_off(HandOffReason.CLIENT_GONE)
         # else it never spoke and holds no partition: the device is as it was.
         self._daemon.state.session_ended(self.spec.name)
         if self._pending is not None:
@@ -210,7 +210,7 @@ class ManagedDevice:
         self._pending = None
         self.spec = spec
         self.device = VirtualDevice(self.device.backend, plan, events=self.metrics)
-        self._hand_off("config reloaded", previous)
+        self._hand_off(HandOffReason.CONFIG_RELOADED, previous)
 
 
 def _failure_of(record: dict[str, object]) -> str:

@@ -28,7 +28,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from enum import StrEnum
+from typing import Any, Protocol
 
 from mediator.audit import audit_log
 from mediator.commands import run_command
@@ -36,13 +37,24 @@ from mediator.pci.bars import BarType
 from mediator.pci.chain import ChainError, walk
 from mediator.pci.registers import Identity
 from mediator.pci.rom import RomError, check_rom
-from mediator.settings import HandoffSpec, ResetMode, expand
+from mediator.settings import HandoffSpec, expand
 from mediator.state import StateStore
-from mediator.vfio_abi import ROM_REGION
-from mediator.virt.device import VirtualDevice
 from mediator.virt.errors import DeviceError
+from mediator.virt.plan import DevicePlan
+from mediator.virt.reset import ResetMode
 
 OK, FAILED, SKIPPED, NOT_RUN = "ok", "failed", "skipped", "not run"
+
+
+class HandOffReason(StrEnum):
+    """Why a device is handed off, as its record and the audit log say."""
+
+    DAEMON_START = "daemon start"
+    RECOVERY = "recovery: the daemon stopped with a client attached"
+    CLIENT_GONE = "client gone"
+    BLOCKED = "before serving a blocked device"
+    CONFIG_RELOADED = "config reloaded"
+    ON_DEMAND = "on demand"
 
 
 class StepFailed(Exception):
@@ -62,7 +74,7 @@ class HandOffRecord:
     device: str
     bdf: str | None
     tenant: str | None  # the tenant the device is being taken from
-    reason: str  # "client gone", "daemon start", "on demand", "released by an operator"
+    reason: str  # a HandOffReason, and what it is about where there is more to say
     started: str  # ISO 8601, UTC
     seconds: float = 0.0
     steps: list[Step] = field(default_factory=list)
@@ -89,6 +101,31 @@ class Owner:
     tenant: str | None = None
 
 
+class HandedOff(Protocol):
+    """What a hand-off does to a device (``mediator.virt.device.VirtualDevice`` is one)."""
+
+    @property
+    def plan(self) -> DevicePlan: ...
+
+    def detach_client(self) -> tuple[int, int]:
+        """Drop the client's DMA mappings and eventfds; how many of each there were."""
+        ...
+
+    def reset_hardware(self, *, bus: bool) -> str: ...
+
+    def restore_shadow(self) -> None: ...
+
+    def apply_post_reset_writes(self) -> None: ...
+
+    def read_physical_config(self) -> bytes: ...
+
+    def read_rom(self) -> bytes: ...
+
+    def block(self, reason: str) -> None: ...
+
+    def unblock(self) -> None: ...
+
+
 class HandOff:
     def __init__(
         self,
@@ -101,15 +138,21 @@ class HandOff:
         self._release_fabric = release_fabric
 
     def run(
-        self, device: VirtualDevice, owner: Owner, reason: str, reset: ResetMode | None = None
+        self,
+        device: HandedOff,
+        owner: Owner,
+        reason: HandOffReason,
+        reset: ResetMode | None = None,
+        detail: str = "",
     ) -> HandOffRecord:
         """Every step; on a failure the device is blocked and quarantined.
 
-        ``reset`` overrides the policy's reset mode for this device.
+        ``reset`` overrides the policy's reset mode for this device; ``detail`` goes after the reason.
         """
         started = datetime.now(UTC)
+        why = f"{reason} ({detail})" if detail else str(reason)
         record = HandOffRecord(
-            owner.name, owner.bdf, owner.tenant, reason, started.isoformat(timespec="seconds")
+            owner.name, owner.bdf, owner.tenant, why, started.isoformat(timespec="seconds")
         )
         steps: list[tuple[str, Callable[[], str]]] = [
             ("release", lambda: _release(device)),
@@ -141,9 +184,7 @@ class HandOff:
             raise StepFailed(f"{argv[0]}: {result.summary}" + (f": {result.output}" if result.output else ""))
         return f"{argv[0]}: {result.summary}"
 
-    def _conclude(
-        self, device: VirtualDevice, owner: Owner, record: HandOffRecord, started: datetime
-    ) -> None:
+    def _conclude(self, device: HandedOff, owner: Owner, record: HandOffRecord, started: datetime) -> None:
         document = record.to_json()
         stamp = started.strftime("%Y%m%dT%H%M%S.%fZ")
         try:
@@ -181,24 +222,21 @@ def _timed(name: str, action: Callable[[], str]) -> Step:
     return Step(name, result, detail, round(time.monotonic() - clock, 3))
 
 
-def _reset(device: VirtualDevice, mode: ResetMode) -> str:
+def _reset(device: HandedOff, mode: ResetMode) -> str:
     if mode == "none":
-        device.config.restore_shadow()
+        device.restore_shadow()
         raise _Skip('the config says this device is not reset between tenants (reset = "none")')
-    done = device.reset_hardware(bus=mode == "bus")
-    device.events.reset("handoff")
-    return done
+    return device.reset_hardware(bus=mode == "bus")
 
 
-def _release(device: VirtualDevice) -> str:
-    mappings, eventfds = len(device.dma), device.attached_eventfds
-    device.detach_client()
+def _release(device: HandedOff) -> str:
+    mappings, eventfds = device.detach_client()
     return f"{mappings} DMA mappings, {eventfds} eventfds"
 
 
-def _config_as_before(device: VirtualDevice) -> str:
+def _config_as_before(device: HandedOff) -> str:
     before = device.plan.physical
-    now = device.backend.read_config(0, len(before))
+    now = device.read_physical_config()
     if now[:2] == b"\xff\xff":
         raise StepFailed("the device does not answer: its config space reads all ones")
     if Identity.of(now) != Identity.of(before):
@@ -215,7 +253,7 @@ def _config_as_before(device: VirtualDevice) -> str:
     return f"identity, {len(layout_now)} capabilities and BAR types as before"
 
 
-def _isolation(device: VirtualDevice) -> str:
+def _isolation(device: HandedOff) -> str:
     writes = device.plan.post_reset
     if not writes:
         raise _Skip("the policy has no post-reset writes for this device")
@@ -224,11 +262,11 @@ def _isolation(device: VirtualDevice) -> str:
     return f"{len(writes)} post-reset writes made, {verified} verified"
 
 
-def _rom(device: VirtualDevice, allowed: frozenset[str]) -> str:
+def _rom(device: HandedOff, allowed: frozenset[str]) -> str:
     rom = device.plan.rom
     if rom is None:
         raise _Skip("no expansion ROM")
-    data = device.backend.read_region(ROM_REGION, 0, rom.physical_size)
+    data = device.read_rom()
     checked = check_rom(data, device.plan.identity, allowed)
     listed = ", on the allow-list" if allowed else ""
     return f"{len(checked.images)} image(s), {checked.length} bytes, SHA-256 {checked.sha256}{listed}"

@@ -68,20 +68,22 @@ import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta, Struct
 
+from mediator.backends.base import BarAccess
 from mediator.errors import InputError, InputErrors
 from mediator.log import LogFormat, LogLevel
 from mediator.pci.address import AddressError, normalize_bdf
 from mediator.tomlinput import convert, read_toml
+from mediator.virt.reset import ResetMode
 
 Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)]
 Principal = str | Annotated[int, Meta(ge=0)]  # a user or group name, or its number
 Command = Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1)]
-ResetMode = Literal["bus", "function", "none"]
+
 DEFAULT_STATE_DIRECTORY = Path("/var/lib/vfio-mediator")
 
 
@@ -137,7 +139,7 @@ class DeviceSpec(Struct, forbid_unknown_fields=True, frozen=True):
     tenant: str | None = None
     serial: str | None = None
     gpudirect_clique: Annotated[int, Meta(ge=0, le=15)] | None = None
-    bar_access: Literal["mmap", "trap"] = "mmap"
+    bar_access: BarAccess = "mmap"
     quirks: list[str] = msgspec.field(default_factory=list)
     builtin_quirks: bool = True
     reset: ResetMode | None = None  # None: the [handoff] policy's

@@ -13,9 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 from mediator.backends.dma import DmaMapping, DmaTable
+
+# mmap: a client maps BAR pages outside trap windows through the VFIO device fd; trap: no fd leaves.
+BarAccess = Literal["mmap", "trap"]
+BAR_ACCESS_MODES: tuple[BarAccess, ...] = get_args(BarAccess)
 
 
 @dataclass(frozen=True)

@@ -26,11 +26,11 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from mediator._vfio_shim import ffi, lib
 from mediator.backends import advice
-from mediator.backends.base import BackendError, IrqInfo, RegionInfo
+from mediator.backends.base import BackendError, BarAccess, IrqInfo, RegionInfo
 from mediator.backends.dma import DmaMapping, DmaTable
 from mediator.backends.sysfs import PciFunction, find_function, group_blockers
 from mediator.pci.address import format_bdf
@@ -46,7 +46,6 @@ from mediator.vfio_abi import (
     VGA_REGION,
 )
 
-BarAccess = Literal["mmap", "trap"]
 DEV_VFIO = Path("/dev/vfio")
 DEV_IOMMU = Path("/dev/iommu")
 

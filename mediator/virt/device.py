@@ -31,48 +31,31 @@ replaced or the client goes (``detach_client``). Every refusal is a
 
 from __future__ import annotations
 
-import contextvars
 import errno
-import os
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import structlog
 
-from mediator.audit import Auditor, audit_log
+from mediator.audit import Auditor
 from mediator.backends.base import Backend, BackendError, IrqInfo
-from mediator.backends.dma import DmaError, DmaMapping, DmaTable, release
 from mediator.pci.registers import Identity
 from mediator.quirks.table import QuirkTable
 from mediator.vfio_abi import (
     BAR_REGIONS,
     CONFIG_REGION,
-    IRQ_COUNT,
-    IRQ_ERR,
-    IRQ_INFO_EVENTFD,
-    IRQ_INFO_MASKABLE,
-    IRQ_INTX,
-    IRQ_REQ,
-    IRQ_SET_ACTION_MASK,
-    IRQ_SET_ACTION_TRIGGER,
-    IRQ_SET_ACTION_TYPE,
-    IRQ_SET_ACTION_UNMASK,
-    IRQ_SET_DATA_BOOL,
-    IRQ_SET_DATA_EVENTFD,
-    IRQ_SET_DATA_NONE,
-    IRQ_SET_DATA_TYPE,
     ROM_REGION,
 )
 from mediator.virt.config_view import ConfigView
-from mediator.virt.errors import DeviceError, RegionAccessError
-from mediator.virt.events import NO_EVENTS, DeviceEvents, ResetCause
-from mediator.virt.plan import DeviceContext, DevicePlan, PostResetWrite, TrapWindow, VirtualBar, build_plan
+from mediator.virt.dma_space import DmaSpace
+from mediator.virt.errors import DeviceError, RegionAccessError, device_error
+from mediator.virt.events import NO_EVENTS, DeviceEvents
+from mediator.virt.interrupts import Interrupts
+from mediator.virt.plan import DeviceContext, DevicePlan, TrapWindow, VirtualBar, build_plan
+from mediator.virt.reset import Resets
 
 log = structlog.get_logger("mediator.virt")
 
-# A guest's reset is answered within this, before QEMU gives up on the message (5 s).
-GUEST_RESET_DEADLINE = 4.0
 _PADDING = "padding"
 _DEVICE = "device"
 
@@ -87,10 +70,6 @@ class RegionView:
     mapping: tuple[int, int] | None = None
 
 
-def _device_error(error: BackendError) -> DeviceError:
-    return DeviceError(error.errno, f"device error: {error}")
-
-
 class VirtualDevice:
     def __init__(
         self,
@@ -103,15 +82,22 @@ class VirtualDevice:
         self.plan = plan
         self.config = ConfigView(plan.segments, plan.initial_shadow, backend, plan.reset_triggers)
         self.auditor = Auditor()
-        self.events = events
-        self._straggler: threading.Thread | None = None  # a guest's reset still running past its deadline
         # Why the device must not be served (a protection that could not be
         # established, quarantine); None while it may be.
         self.blocked: str | None = None
-        self.dma = DmaTable(max_dma_mappings)
-        backend.attach_dma(self.dma)
-        self._irq_fds: dict[tuple[int, int], int] = {}  # (index, vector) -> eventfd we own
-        self._resample_fds: dict[int, int] = {}
+        self.dma = DmaSpace(backend, max_dma_mappings, events)
+        self.interrupts = Interrupts(backend)
+        self.resets = Resets(backend, self.config, plan, events, self.block)
+        self._events = events
+
+    @property
+    def events(self) -> DeviceEvents:
+        return self._events
+
+    @events.setter
+    def events(self, events: DeviceEvents) -> None:
+        """Where what the device sees goes from now on (the daemon gives its metrics once it has them)."""
+        self._events = self.dma.events = self.resets.events = events
 
     @classmethod
     def open(cls, backend: Backend, table: QuirkTable, context: DeviceContext | None = None) -> VirtualDevice:
@@ -150,7 +136,7 @@ class VirtualDevice:
 
     @property
     def max_dma_mappings(self) -> int:
-        return self.dma.max_mappings
+        return self.dma.table.max_mappings
 
     def region(self, index: int) -> RegionView:
         """The guest's view of a region: size, writability, what a client may mmap and through which fd."""
@@ -197,7 +183,7 @@ class VirtualDevice:
                 return self.config.read(offset, length)
             return self._read_bar(index, offset, length)
         except BackendError as e:
-            raise _device_error(e) from None
+            raise device_error(e) from None
 
     def _read_bar(self, index: int, offset: int, length: int) -> bytes:
         bar = self._bar(index, offset, length)
@@ -217,11 +203,11 @@ class VirtualDevice:
         try:
             if index == CONFIG_REGION:
                 if self.config.write(offset, data):
-                    self._reset_within_deadline("the guest's function-level reset (config write)", "guest")
+                    self._guest_reset("config write")
                 return
             self._write_bar(index, offset, data)
         except BackendError as e:
-            raise _device_error(e) from None
+            raise device_error(e) from None
 
     def _write_bar(self, index: int, offset: int, data: bytes) -> None:
         if index == ROM_REGION:
@@ -262,9 +248,7 @@ class VirtualDevice:
         elif window.action == "config-mirror":
             first, inside = self._config_span(window, start, start + len(data))
             if inside and self.config.write(first, data[:inside]):
-                self._reset_within_deadline(
-                    "the guest's function-level reset (through the BAR0 config mirror)", "guest"
-                )
+                self._guest_reset("through the BAR0 config mirror")
 
     def _audit(self, window: TrapWindow, start: int, direction: str, data: bytes) -> None:
         self.events.trapped_access(window.action)
@@ -281,242 +265,62 @@ class VirtualDevice:
 
     # DMA
     def dma_map(self, iova: int, size: int, flags: int, fd: int | None, offset: int) -> None:
-        """Map guest memory; ``fd`` stays the caller's (the mapping keeps its own mmap)."""
-        try:
-            mapping = self.dma.map(iova, size, flags, fd, offset)
-        except DmaError as e:
-            raise DeviceError(e.errno, str(e)) from None
-        try:
-            self.backend.dma_map(mapping)
-        except BackendError as e:
-            release(self.dma.unmap(iova, size))
-            raise _device_error(e) from None
-        except Exception:
-            release(self.dma.unmap(iova, size))
-            raise
-        self.events.dma_changed(len(self.dma), self.dma.backed_bytes)
+        self.dma.map(iova, size, flags, fd, offset)
 
     def dma_unmap(self, iova: int, size: int) -> None:
-        try:
-            removed = self.dma.unmap(iova, size)
-        except DmaError as e:
-            raise DeviceError(e.errno, str(e)) from None
-        self._release_mappings(removed)
+        self.dma.unmap(iova, size)
 
     def dma_unmap_all(self) -> None:
-        self._release_mappings(self.dma.unmap_all())
-
-    def _release_mappings(self, mappings: list[DmaMapping]) -> None:
-        try:
-            for mapping in mappings:
-                self.backend.dma_unmap(mapping)
-        except BackendError as e:
-            raise _device_error(e) from None
-        finally:
-            release(mappings)
-            self.events.dma_changed(len(self.dma), self.dma.backed_bytes)
+        self.dma.unmap_all()
 
     # interrupts
     def irq_info(self, index: int) -> IrqInfo:
-        if not 0 <= index < IRQ_COUNT:
-            raise DeviceError(errno.EINVAL, f"no interrupt index {index}")
-        try:
-            return self.backend.irq_info(index)
-        except BackendError as e:
-            raise _device_error(e) from None
+        return self.interrupts.info(index)
 
     def set_irqs(
         self, index: int, flags: int, start: int, count: int, *, fds: Sequence[int] = (), bools: bytes = b""
     ) -> None:
-        """VFIO_DEVICE_SET_IRQS. On success the device owns ``fds``; on error the caller does.
-
-        ``fds`` empty with DATA_EVENTFD and a count means "detach those vectors"
-        (how vfio-user clients send fd -1).
-        """
-        info = self.irq_info(index)
-        data_type, action = flags & IRQ_SET_DATA_TYPE, flags & IRQ_SET_ACTION_TYPE
-        if flags & ~(IRQ_SET_DATA_TYPE | IRQ_SET_ACTION_TYPE):
-            raise DeviceError(errno.EINVAL, f"unknown SET_IRQS flags {flags:#x}")
-        if data_type.bit_count() != 1 or action.bit_count() != 1:
-            raise DeviceError(errno.EINVAL, "SET_IRQS needs exactly one data type and one action")
-        if not info.flags & IRQ_INFO_EVENTFD or info.count == 0:
-            raise DeviceError(errno.EINVAL, f"interrupt index {index} is not implemented")
-        if count == 0:
-            if data_type != IRQ_SET_DATA_NONE or action != IRQ_SET_ACTION_TRIGGER:
-                raise DeviceError(errno.EINVAL, "count 0 only disables an index (DATA_NONE|TRIGGER)")
-            if start:
-                raise DeviceError(errno.EINVAL, "disabling an index takes start 0")
-        elif start + count > info.count:
-            raise DeviceError(
-                errno.EINVAL, f"vectors {start}..{start + count - 1} past index {index}'s {info.count}"
-            )
-        if action != IRQ_SET_ACTION_TRIGGER and (
-            index in (IRQ_ERR, IRQ_REQ) or not info.flags & IRQ_INFO_MASKABLE
-        ):
-            raise DeviceError(errno.EINVAL, f"interrupt index {index} cannot be masked")
-        if data_type == IRQ_SET_DATA_BOOL and len(bools) != count:
-            raise DeviceError(errno.EINVAL, f"{len(bools)} bools for {count} vectors")
-        if data_type != IRQ_SET_DATA_BOOL and bools:
-            raise DeviceError(errno.EINVAL, "data bytes without DATA_BOOL")
-        if data_type == IRQ_SET_DATA_EVENTFD:
-            if fds and len(fds) != count:
-                raise DeviceError(errno.EINVAL, f"{len(fds)} eventfds for {count} vectors")
-            if action == IRQ_SET_ACTION_MASK or (
-                action == IRQ_SET_ACTION_UNMASK and (index != IRQ_INTX or count != 1)
-            ):
-                raise DeviceError(errno.EINVAL, "eventfds only trigger vectors or resample INTx")
-        elif fds:
-            raise DeviceError(errno.EINVAL, "file descriptors without DATA_EVENTFD")
-        eventfds = list(fds) if fds else [-1] * count
-        data: Sequence[int] = eventfds if data_type == IRQ_SET_DATA_EVENTFD else list(bools)
-        try:
-            self.backend.set_irqs(index, flags, start, count, data)
-        except BackendError as e:
-            raise _device_error(e) from None
-        self._own_irq_fds(index, flags, start, count, data)
-
-    def _own_irq_fds(self, index: int, flags: int, start: int, count: int, data: Sequence[int]) -> None:
-        action = flags & IRQ_SET_ACTION_TYPE
-        if count == 0:
-            for key in [k for k in self._irq_fds if k[0] == index]:
-                os.close(self._irq_fds.pop(key))
-            if index in self._resample_fds:
-                os.close(self._resample_fds.pop(index))
-        elif flags & IRQ_SET_DATA_EVENTFD and action == IRQ_SET_ACTION_TRIGGER:
-            for i, fd in enumerate(data):
-                old = self._irq_fds.pop((index, start + i), None)
-                if old is not None:
-                    os.close(old)
-                if fd >= 0:
-                    self._irq_fds[(index, start + i)] = fd
-        elif flags & IRQ_SET_DATA_EVENTFD and action == IRQ_SET_ACTION_UNMASK:
-            old = self._resample_fds.pop(index, None)
-            if old is not None:
-                os.close(old)
-            if data[0] >= 0:
-                self._resample_fds[index] = data[0]
+        self.interrupts.set(index, flags, start, count, fds=fds, bools=bools)
 
     @property
     def attached_eventfds(self) -> int:
-        return len(self._irq_fds) + len(self._resample_fds)
+        return self.interrupts.attached
 
-    def detach_client(self) -> None:
-        """What a departing client leaves behind goes: DMA mappings and eventfds.
+    # resets
+    def reset(self) -> None:
+        """The client's DEVICE_RESET."""
+        self.resets.within_deadline("the client's DEVICE_RESET", "client")
+
+    def _guest_reset(self, how: str) -> None:
+        self.resets.within_deadline(f"the guest's function-level reset ({how})", "guest")
+
+    # what a hand-off does (mediator.handoff.HandedOff)
+    def detach_client(self) -> tuple[int, int]:
+        """What a departing client leaves behind goes: (DMA mappings, eventfds) it had.
 
         The hand-off (``mediator.handoff``) then resets and checks the device.
         """
-        self.dma_unmap_all()
-        for index in range(IRQ_COUNT):
-            if any(k[0] == index for k in self._irq_fds) or index in self._resample_fds:
-                self.backend.set_irqs(index, IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER, 0, 0, [])
-                self._own_irq_fds(index, IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER, 0, 0, [])
+        left = len(self.dma), self.interrupts.attached
+        self.dma.unmap_all()
+        self.interrupts.detach_all()
+        return left
 
-    def reset_hardware(self, *, bus: bool = False) -> str:
-        """Reset the hardware and restore the virtual state; no post-reset writes yet.
+    def reset_hardware(self, *, bus: bool) -> str:
+        return self.resets.reset_hardware("handoff", bus=bus)
 
-        A bus reset when ``bus`` is asked and the backend can reset this
-        function alone, else a function reset. Returns which one was done
-        (and why not a bus reset, when it was asked).
-
-        Raises:
-            DeviceError: ENOTTY when the device has no reset method at all.
-        """
-        straggler, self._straggler = self._straggler, None
-        if straggler is not None:
-            straggler.join()  # a guest's reset that outlived its deadline: the hardware is still in it
-        obstacle = self.backend.bus_reset_obstacle() if bus else None
-        if bus and obstacle is None:
-            try:
-                self.backend.bus_reset()
-            except BackendError as e:
-                # The kernel may give up waiting for the device after the reset
-                # (ENOTTY from pci_bridge_wait_for_secondary_bus): the config
-                # check after the reset shows whether the device came back.
-                obstacle = f"the bus reset failed: {e}"
-                log.warning("bus reset failed; falling back to a function reset", why=str(e))
-            else:
-                self.config.restore_shadow()
-                return "bus reset"
-        if self.backend.can_reset:
-            self.backend.reset()
-            self.config.restore_shadow()
-            return "function reset" + (f" ({obstacle})" if obstacle else "")
-        why = "the device has no reset method (no FLR, PM or bus reset)"
-        raise DeviceError(errno.ENOTTY, why + (f"; {obstacle}" if obstacle else ""))
-
-    def reset(self) -> None:
-        """The client's DEVICE_RESET; see ``_reset_within_deadline``."""
-        self._reset_within_deadline("the client's DEVICE_RESET", "client")
-
-    def _reset_within_deadline(self, cause: str, source: ResetCause) -> None:
-        """A reset the guest or the client (``source``) asked for, done by the daemon.
-
-        Reset, restore the virtual state, make the post-reset writes, all
-        within ``GUEST_RESET_DEADLINE``: the client waits for the answer and
-        gives up soon after (QEMU's x-msg-timeout is 5 s). A reset still
-        running then goes on in the background with the device blocked, and
-        the next hand-off waits for it; a reset that fails blocks the device
-        too. Either way the session ends and the device is handed off.
-
-        Raises:
-            DeviceError: ENOTTY (no reset method), EIO (the reset failed, or a
-                verified post-reset write did not hold), ETIMEDOUT (still resetting).
-        """
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                self._reset_now(cause, source)
-            except BaseException as e:  # handed to the waiting caller
-                failure.append(e)
-
-        context = contextvars.copy_context()  # log lines keep their device and client
-        worker = threading.Thread(target=context.run, args=(run,), name=f"reset {cause}", daemon=True)
-        worker.start()
-        worker.join(GUEST_RESET_DEADLINE)
-        if worker.is_alive():
-            self._straggler = worker
-            self.block(
-                f"a reset did not finish within {GUEST_RESET_DEADLINE:g} s; the device is handed off "
-                "before it is served again"
-            )
-            raise DeviceError(errno.ETIMEDOUT, self.blocked or "")
-        if failure:
-            raise failure[0]
-
-    def _reset_now(self, cause: str, source: ResetCause) -> None:
-        try:
-            done = self.reset_hardware()
-        except BackendError as e:
-            self.block(f"a reset failed ({e}); the device is handed off before it is served again")
-            raise DeviceError(errno.EIO, self.blocked or "") from None
-        self.events.reset(source)
-        audit_log.info("guest reset", cause=cause, reset=done, post_reset_writes=len(self.plan.post_reset))
-        self.apply_post_reset_writes()
+    def restore_shadow(self) -> None:
+        """The guest's view as at power-on, without touching the hardware."""
+        self.config.restore_shadow()
 
     def apply_post_reset_writes(self) -> None:
-        """Make the plan's post-reset writes and check the verified ones hold; block the device if not.
+        self.resets.apply_post_reset_writes()
 
-        Raises:
-            DeviceError: EIO when a protection did not hold.
-        """
-        failures = []
-        for write in self.plan.post_reset:
-            self._post_reset_write(write)
-            if write.verify:
-                found = int.from_bytes(
-                    self.backend.read_region(write.bar, write.offset, write.size), "little"
-                )
-                expected = write.value if write.op != "clear" else 0
-                held = found == write.value if write.op == "write" else found & write.value == expected
-                if not held:
-                    where = f"BAR{write.bar}+{write.offset:#x}"
-                    failures.append(
-                        f"{where} reads {found:#x} after {write.op} {write.value:#x} ({write.quirk})"
-                    )
-        if failures:
-            self.block("a required protection did not hold: " + "; ".join(failures))
-            raise DeviceError(errno.EIO, self.blocked or "")
+    def read_physical_config(self) -> bytes:
+        return self.backend.read_config(0, self.plan.config_size)
+
+    def read_rom(self) -> bytes:
+        assert self.plan.rom is not None
+        return self.backend.read_region(ROM_REGION, 0, self.plan.rom.physical_size)
 
     def block(self, reason: str) -> None:
         """Refuse to serve the device until the cause is fixed."""
@@ -526,11 +330,3 @@ class VirtualDevice:
     def unblock(self) -> None:
         """Serve the device again: a hand-off found it clean."""
         self.blocked = None
-
-    def _post_reset_write(self, write: PostResetWrite) -> None:
-        if write.op == "write":
-            value = write.value
-        else:
-            current = int.from_bytes(self.backend.read_region(write.bar, write.offset, write.size), "little")
-            value = current | write.value if write.op == "set" else current & ~write.value
-        self.backend.write_region(write.bar, write.offset, value.to_bytes(write.size, "little"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 
+from mediator.backends.base import BackendError
 from mediator.errors import Refused
 
 
@@ -16,3 +17,8 @@ class RegionAccessError(DeviceError):
 
     def __init__(self, message: str) -> None:
         super().__init__(errno.EINVAL, message)
+
+
+def device_error(error: BackendError) -> DeviceError:
+    """What the client is told of a backend's failure: its errno, and what failed."""
+    return DeviceError(error.errno, f"device error: {error}")

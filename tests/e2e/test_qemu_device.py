@@ -130,7 +130,7 @@ def test_device_dma_moves_bytes_between_the_bar_and_guest_ram(tmp_path: Path) ->
         machine.command(f"writeq {engine + 8:#x} 0x9000")
         machine.command(f"writeq {engine + 0x18:#x} 0x1")  # start, from the guest
         assert dev.backend.memory(0)[0x9000 : 0x9000 + len(pattern)] == pattern[::-1]
-        assert any(m.backed for m in dev.device.dma.mappings())
+        assert any(m.backed for m in dev.device.dma.table.mappings())
 
 
 def test_machine_reset_resets_the_device_and_its_virtual_registers(tmp_path: Path) -> None:

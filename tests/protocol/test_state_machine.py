@@ -182,7 +182,7 @@ class ClientSession(RuleBasedStateMachine):
             self.session.device.detach_client()
             self.mapped.clear()
             self.vectors.clear()
-        assert sorted((m.iova, m.size) for m in self.session.device.dma.mappings()) == sorted(
+        assert sorted((m.iova, m.size) for m in self.session.device.dma.table.mappings()) == sorted(
             (IOVA_BASE + start * PAGE, (stop - start) * PAGE) for start, stop in self.mapped
         )
         assert self.session.device.attached_eventfds == len(self.vectors)

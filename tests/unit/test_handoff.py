@@ -10,7 +10,7 @@ from structlog.testing import capture_logs
 
 from mediator.backends.base import BackendError
 from mediator.backends.profile import Behaviour
-from mediator.handoff import HandOff, Owner
+from mediator.handoff import HandOff, HandOffReason, Owner
 from mediator.settings import HandoffSpec
 from mediator.state import StateStore
 from tests.support import StandIn, device, profile
@@ -27,7 +27,7 @@ def test_a_clean_device_passes_every_step_with_a_bus_reset(tmp_path: Path) -> No
     state = StateStore(tmp_path)
     state.prepare()
     with capture_logs() as logs:
-        record = HandOff(HandoffSpec(), state).run(dev, OWNER, "client gone")
+        record = HandOff(HandoffSpec(), state).run(dev, OWNER, HandOffReason.CLIENT_GONE)
     assert record.ok, record
     assert results(record) == {
         "release": "ok",
@@ -51,7 +51,7 @@ def test_a_clean_device_passes_every_step_with_a_bus_reset(tmp_path: Path) -> No
 
 def test_a_function_reset_when_the_policy_says_so(tmp_path: Path) -> None:
     dev, sim = device("h100-sxm5")
-    record = HandOff(HandoffSpec(reset="function"), StateStore(None)).run(dev, OWNER, "on demand")
+    record = HandOff(HandoffSpec(reset="function"), StateStore(None)).run(dev, OWNER, HandOffReason.ON_DEMAND)
     assert record.ok and sim.bus_resets == 0 and sim.resets == 1
 
 
@@ -60,7 +60,9 @@ def test_a_blank_rom_quarantines_the_device_and_stops_the_hand_off(tmp_path: Pat
     state = StateStore(tmp_path)
     state.prepare()
     wipe = StandIn(tmp_path)
-    record = HandOff(HandoffSpec(wipe=wipe.command("wipe", "{bdf}")), state).run(dev, OWNER, "client gone")
+    record = HandOff(HandoffSpec(wipe=wipe.command("wipe", "{bdf}")), state).run(
+        dev, OWNER, HandOffReason.CLIENT_GONE
+    )
     assert not record.ok
     assert results(record)["rom"] == "failed" and results(record)["wipe"] == "not run"
     assert record.failure is not None and "no 0x55AA signature" in record.failure
@@ -74,11 +76,13 @@ def test_a_blank_rom_quarantines_the_device_and_stops_the_hand_off(tmp_path: Pat
 def test_the_rom_must_be_on_the_allow_list_when_there_is_one() -> None:
     dev, _ = device("h100-sxm5")
     policy = HandoffSpec(rom_sha256=["ab" * 32])
-    record = HandOff(policy, StateStore(None)).run(dev, OWNER, "client gone")
+    record = HandOff(policy, StateStore(None)).run(dev, OWNER, HandOffReason.CLIENT_GONE)
     assert results(record)["rom"] == "failed" and "not on the allow-list" in (record.failure or "")
     digest = record.failure.split("SHA-256 ")[1].split()[0] if record.failure else ""
     dev.blocked = None
-    record = HandOff(HandoffSpec(rom_sha256=[digest.upper()]), StateStore(None)).run(dev, OWNER, "again")
+    record = HandOff(HandoffSpec(rom_sha256=[digest.upper()]), StateStore(None)).run(
+        dev, OWNER, HandOffReason.ON_DEMAND
+    )
     assert record.ok, record.failure
 
 
@@ -88,11 +92,11 @@ def test_the_wipe_command_gets_the_device_and_its_failure_quarantines(tmp_path: 
     policy = HandoffSpec(
         wipe=wipe.command("wipe", "--bdf", "{bdf}", "--device", "{device}", "--from", "{tenant}")
     )
-    assert HandOff(policy, StateStore(None)).run(dev, OWNER, "client gone").ok
+    assert HandOff(policy, StateStore(None)).run(dev, OWNER, HandOffReason.CLIENT_GONE).ok
     assert wipe.calls() == [("wipe", ["--bdf", "0000:3b:00.0", "--device", "gpu0", "--from", "alice"])]
     wipe.fail("wipe", "HBM row 12 did not scrub")
     with capture_logs() as logs:
-        record = HandOff(policy, StateStore(None)).run(dev, OWNER, "client gone")
+        record = HandOff(policy, StateStore(None)).run(dev, OWNER, HandOffReason.CLIENT_GONE)
     assert results(record)["wipe"] == "failed"
     assert "exit 1" in (record.failure or "") and "HBM row 12 did not scrub" in (record.failure or "")
     command = next(e for e in logs if e["event"] == "operator command")
@@ -105,7 +109,7 @@ def test_isolation_that_does_not_hold_after_the_reset_quarantines() -> None:
     dev, _ = device(
         dataclasses.replace(base, behaviours=(*behaviours, Behaviour("read-only", 0, 0xA00148, 4)))
     )
-    record = HandOff(HandoffSpec(), StateStore(None)).run(dev, OWNER, "daemon start")
+    record = HandOff(HandoffSpec(), StateStore(None)).run(dev, OWNER, HandOffReason.DAEMON_START)
     assert results(record)["isolation"] == "failed"
     assert "0xa00148 reads 0x0" in (record.failure or "")
     assert dev.blocked is not None and dev.blocked.startswith("quarantined: isolation:")
@@ -116,7 +120,7 @@ def test_a_device_that_comes_back_different_fails_the_config_check() -> None:
     changed = bytearray(sim.profile.image)
     changed[2:4] = (0x2331).to_bytes(2, "little")  # another device ID after the reset
     sim.profile = dataclasses.replace(sim.profile, image=bytes(changed))
-    record = HandOff(HandoffSpec(), StateStore(None)).run(dev, OWNER, "client gone")
+    record = HandOff(HandoffSpec(), StateStore(None)).run(dev, OWNER, HandOffReason.CLIENT_GONE)
     assert results(record)["config"] == "failed"
     assert "now reads as 10de:2331" in (record.failure or "")
 
@@ -129,7 +133,7 @@ def test_the_fabric_is_released_even_when_an_earlier_step_failed() -> None:
         released.append(name)
         return "partition 1 deactivated"
 
-    record = HandOff(HandoffSpec(), StateStore(None), release).run(dev, OWNER, "client gone")
+    record = HandOff(HandoffSpec(), StateStore(None), release).run(dev, OWNER, HandOffReason.CLIENT_GONE)
     assert released == ["gpu0"] and results(record)["fabric"] == "ok"
     assert not record.ok
 
@@ -137,13 +141,13 @@ def test_the_fabric_is_released_even_when_an_earlier_step_failed() -> None:
 def test_a_successful_hand_off_lifts_a_block() -> None:
     dev, _ = device("h100-sxm5")
     dev.block("a protection failed earlier")
-    assert HandOff(HandoffSpec(), StateStore(None)).run(dev, OWNER, "retry").ok
+    assert HandOff(HandoffSpec(), StateStore(None)).run(dev, OWNER, HandOffReason.ON_DEMAND).ok
     assert dev.blocked is None
 
 
 def test_a_function_reset_when_the_device_shares_its_bus() -> None:
     dev, sim = device(dataclasses.replace(profile("h100-sxm5"), resets=frozenset({"function"})))
-    record = HandOff(HandoffSpec(), StateStore(None)).run(dev, OWNER, "client gone")
+    record = HandOff(HandoffSpec(), StateStore(None)).run(dev, OWNER, HandOffReason.CLIENT_GONE)
     assert record.ok and sim.bus_resets == 0 and sim.resets == 1
     assert record.steps[1].detail == "function reset (the profile has no bus reset)"
 
@@ -151,10 +155,10 @@ def test_a_function_reset_when_the_device_shares_its_bus() -> None:
 def test_a_device_with_no_reset_is_quarantined_unless_its_config_opts_out() -> None:
     dev, sim = device(dataclasses.replace(profile("h100-sxm5"), resets=frozenset()))
     dev.config.write(0x3C, b"\x42")
-    record = HandOff(HandoffSpec(), StateStore(None)).run(dev, OWNER, "client gone")
+    record = HandOff(HandoffSpec(), StateStore(None)).run(dev, OWNER, HandOffReason.CLIENT_GONE)
     assert results(record)["reset"] == "failed" and "no reset method" in (record.failure or "")
     assert dev.blocked is not None
-    record = HandOff(HandoffSpec(), StateStore(None)).run(dev, OWNER, "client gone", reset="none")
+    record = HandOff(HandoffSpec(), StateStore(None)).run(dev, OWNER, HandOffReason.CLIENT_GONE, reset="none")
     assert record.ok and results(record)["reset"] == "skipped" and sim.resets == 0
     assert dev.config.read(0x3C, 1) == b"\x0a"  # the virtual state is reset all the same
 
@@ -166,7 +170,7 @@ def test_a_failed_bus_reset_falls_back_to_a_function_reset() -> None:
         raise BackendError("VFIO_DEVICE_PCI_HOT_RESET failed: ENOTTY")
 
     sim.bus_reset = bus_reset  # type: ignore[method-assign]
-    record = HandOff(HandoffSpec(), StateStore(None)).run(dev, OWNER, "client gone")
+    record = HandOff(HandoffSpec(), StateStore(None)).run(dev, OWNER, HandOffReason.CLIENT_GONE)
     assert record.ok and sim.resets == 1
     assert (
         record.steps[1].detail

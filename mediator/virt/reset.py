@@ -1,0 +1,174 @@
+"""Resets: the hardware reset, the post-reset writes that must follow it, and the client's deadline.
+
+``reset_hardware`` resets the function (a secondary bus reset when one is
+asked for and reaches this function alone, else a function reset) and
+restores the virtual config state; ``apply_post_reset_writes`` then makes
+the plan's register writes (NVLink link disable...) and checks the verified
+ones, blocking the device when a protection does not hold. A reset the guest
+or the client asks for (``within_deadline``) does both in a thread and is
+answered within ``GUEST_RESET_DEADLINE``, before the client gives up on the
+message; a reset still running then finishes in the background with the
+device blocked, and the next hardware reset waits for it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import errno
+import threading
+from collections.abc import Callable
+from typing import Literal, NoReturn, get_args
+
+import structlog
+
+from mediator.audit import audit_log
+from mediator.backends.base import Backend, BackendError
+from mediator.virt.config_view import ConfigView
+from mediator.virt.errors import DeviceError
+from mediator.virt.events import DeviceEvents, ResetCause
+from mediator.virt.plan import DevicePlan, PostResetWrite
+
+log = structlog.get_logger("mediator.virt")
+
+# How a hand-off resets a device: a secondary bus reset where possible, a function reset, or none.
+ResetMode = Literal["bus", "function", "none"]
+RESET_MODES: tuple[ResetMode, ...] = get_args(ResetMode)
+# A guest's reset is answered within this, before QEMU gives up on the message (5 s).
+GUEST_RESET_DEADLINE = 4.0
+
+
+class Resets:
+    def __init__(
+        self,
+        backend: Backend,
+        config: ConfigView,
+        plan: DevicePlan,
+        events: DeviceEvents,
+        block: Callable[[str], None],
+    ) -> None:
+        """``block`` refuses the device with a reason (a reset that failed or did not finish in time)."""
+        self.backend = backend
+        self.config = config
+        self.plan = plan
+        self.events = events
+        self._block = block
+        self._straggler: threading.Thread | None = None  # a reset still running past its deadline
+
+    def reset_hardware(self, cause: ResetCause, *, bus: bool = False) -> str:
+        """Reset the hardware and restore the virtual state; no post-reset writes yet.
+
+        A bus reset when ``bus`` is asked and the backend can reset this
+        function alone, else a function reset. Returns which one was done
+        (and why not a bus reset, when it was asked).
+
+        Raises:
+            DeviceError: ENOTTY when the device has no reset method at all.
+            BackendError: the reset failed.
+        """
+        straggler, self._straggler = self._straggler, None
+        if straggler is not None:
+            straggler.join()  # a guest's reset that outlived its deadline: the hardware is still in it
+        done = self._reset(bus)
+        self.config.restore_shadow()
+        self.events.reset(cause)
+        return done
+
+    def _reset(self, bus: bool) -> str:
+        obstacle = self.backend.bus_reset_obstacle() if bus else None
+        if bus and obstacle is None:
+            try:
+                self.backend.bus_reset()
+            except BackendError as e:
+                # The kernel may give up waiting for the device after the reset
+                # (ENOTTY from pci_bridge_wait_for_secondary_bus): the config
+                # check after the reset shows whether the device came back.
+                obstacle = f"the bus reset failed: {e}"
+                log.warning("bus reset failed; falling back to a function reset", why=str(e))
+            else:
+                return "bus reset"
+        if self.backend.can_reset:
+            self.backend.reset()
+            return "function reset" + (f" ({obstacle})" if obstacle else "")
+        why = "the device has no reset method (no FLR, PM or bus reset)"
+        raise DeviceError(errno.ENOTTY, why + (f"; {obstacle}" if obstacle else ""))
+
+    def within_deadline(self, cause: str, source: ResetCause) -> None:
+        """A reset the guest or the client (``source``) asked for, done by the daemon.
+
+        Reset, restore the virtual state, make the post-reset writes, all
+        within ``GUEST_RESET_DEADLINE``: the client waits for the answer and
+        gives up soon after (QEMU's x-msg-timeout is 5 s). A reset still
+        running then goes on in the background with the device blocked; a
+        reset that fails blocks the device too. Either way the session ends
+        and the device is handed off.
+
+        Raises:
+            DeviceError: ENOTTY (no reset method), EIO (the reset failed, or a
+                verified post-reset write did not hold), ETIMEDOUT (still resetting).
+        """
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self._reset_now(cause, source)
+            except BaseException as e:  # handed to the waiting caller
+                failure.append(e)
+
+        context = contextvars.copy_context()  # log lines keep their device and client
+        worker = threading.Thread(target=context.run, args=(run,), name=f"reset {cause}", daemon=True)
+        worker.start()
+        worker.join(GUEST_RESET_DEADLINE)
+        if worker.is_alive():
+            self._straggler = worker
+            self._refuse(
+                errno.ETIMEDOUT,
+                f"a reset did not finish within {GUEST_RESET_DEADLINE:g} s; the device is handed off "
+                "before it is served again",
+            )
+        if failure:
+            raise failure[0]
+
+    def _reset_now(self, cause: str, source: ResetCause) -> None:
+        try:
+            done = self.reset_hardware(source)
+        except BackendError as e:
+            self._refuse(
+                errno.EIO, f"a reset failed ({e}); the device is handed off before it is served again"
+            )
+        audit_log.info("guest reset", cause=cause, reset=done, post_reset_writes=len(self.plan.post_reset))
+        self.apply_post_reset_writes()
+
+    def apply_post_reset_writes(self) -> None:
+        """Make the plan's post-reset writes and check the verified ones hold; block the device if not.
+
+        Raises:
+            DeviceError: EIO when a protection did not hold.
+        """
+        failures = []
+        for write in self.plan.post_reset:
+            self._write(write)
+            if write.verify:
+                found = int.from_bytes(
+                    self.backend.read_region(write.bar, write.offset, write.size), "little"
+                )
+                expected = write.value if write.op != "clear" else 0
+                held = found == write.value if write.op == "write" else found & write.value == expected
+                if not held:
+                    where = f"BAR{write.bar}+{write.offset:#x}"
+                    failures.append(
+                        f"{where} reads {found:#x} after {write.op} {write.value:#x} ({write.quirk})"
+                    )
+        if failures:
+            self._refuse(errno.EIO, "a required protection did not hold: " + "; ".join(failures))
+
+    def _refuse(self, errno_value: int, reason: str) -> NoReturn:
+        self._block(reason)
+        raise DeviceError(errno_value, reason)
+
+    def _write(self, write: PostResetWrite) -> None:
+        if write.op == "write":
+            value = write.value
+        else:
+            current = int.from_bytes(self.backend.read_region(write.bar, write.offset, write.size), "little")
+            value = current | write.value if write.op == "set" else current & ~write.value
+        self.backend.write_region(write.bar, write.offset, value.to_bytes(write.size, "little"))
