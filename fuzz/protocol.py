@@ -214,7 +214,7 @@ def serve(reads: list[Read], connection: Connection, service: DeviceService, cli
             while (request := connection.next_request()) is not None:
                 reply, fds = service.handle(request)
                 check_reply(request, reply, fds, service.device)
-                if service.closing:
+                if connection.closing_reason is not None:
                     return
     except ProtocolError:
         return

@@ -21,10 +21,17 @@ Theory of operation:
   stream position. A read whose ancillary data was truncated marks its
   message, which is then refused (EINVAL) with the fds that did arrive
   closed. Fds of a message nobody takes are closed when it is answered.
-- Negotiation. VERSION comes first; anything before it is refused (EINVAL).
-  We speak 0.0 (the only version QEMU 11.1 accepts); another major is
-  refused (ENOTSUP). Our capabilities JSON is compact and shrunk further to
-  fit the client's buffer, which is the size of its own request.
+- Negotiation. VERSION comes first; anything before it is refused (EINVAL),
+  and so is a second VERSION. We speak 0.0 (the only version QEMU 11.1
+  accepts); another major is refused (ENOTSUP). Our capabilities JSON is
+  compact and shrunk further to fit the client's buffer, which is the size
+  of its own request.
+- Rules. Every rule of the protocol that is not a command's meaning is
+  checked here, and a request that breaks one carries its ``violation``
+  (the errno and why) for the service to refuse: the state (``State``:
+  awaiting VERSION, ready, closing), the fds each command may carry and
+  the capability it needs (``RULES``), the size limit, truncated fds.
+  Once the connection is closing (``close_after``) it hands out nothing more.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 from mediator.errors import Refused
 from mediator.vfio_user.wire import (
@@ -44,6 +52,8 @@ from mediator.vfio_user.wire import (
     HEADER_SIZE,
     TYPE_COMMAND,
     TYPE_REPLY,
+    VERSION,
+    Command,
     header,
 )
 
@@ -61,6 +71,33 @@ class ProtocolError(Exception):
 
 class CommandError(Refused):
     """A command to refuse with ``errno``; the connection goes on."""
+
+
+class State(Enum):
+    AWAITING_VERSION = "awaiting VERSION"
+    READY = "ready"
+    CLOSING = "closing"
+
+
+@dataclass(frozen=True)
+class CommandRule:
+    """What a command may carry and needs, beyond its payload."""
+
+    fds: int | None = 0  # how many fds it may carry; None: up to max_msg_fds
+    needs: str | None = None  # the capability both sides must have negotiated
+
+
+# Commands absent here carry no fd and need nothing.
+RULES: dict[int, CommandRule] = {
+    Command.DMA_MAP: CommandRule(fds=1),
+    Command.DEVICE_SET_IRQS: CommandRule(fds=None),
+    Command.REGION_WRITE_MULTI: CommandRule(needs="write_multiple"),
+}
+_PLAIN = CommandRule()
+# The commands a ready connection must look at even without fds: a second VERSION, and the gated ones.
+_CHECKED_WHEN_READY = frozenset(
+    [Command.VERSION, *(command for command, rule in RULES.items() if rule.needs)]
+)
 
 
 @dataclass(frozen=True)
@@ -84,7 +121,7 @@ _NO_FDS: list[int] = []  # shared by fd-less requests, never mutated: take_fds s
 class Request:
     """One command from the client, with the fds that came with it (closed when answered)."""
 
-    __slots__ = ("command", "fds", "fds_truncated", "flags", "msg_id", "payload", "too_big")
+    __slots__ = ("command", "fds", "fds_truncated", "flags", "msg_id", "payload", "too_big", "violation")
 
     def __init__(
         self,
@@ -104,6 +141,8 @@ class Request:
         self.fds: list[int] = fds if fds else _NO_FDS
         self.fds_truncated = fds_truncated
         self.too_big = too_big  # the body was over the size limit and has been discarded
+        # (errno, why) when the request breaks a rule of the protocol: refuse it, whatever its command
+        self.violation: tuple[int, str] | None = None
 
     @property
     def wants_reply(self) -> bool:
@@ -131,7 +170,8 @@ class _Oversized:
 class Connection:
     def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
-        self.negotiated = False
+        self.state = State.AWAITING_VERSION
+        self.closing_reason: str | None = None
         self.write_multiple = False
         self.client_capabilities: dict[str, object] = {}
         # Unread bytes are _buffer[_read:]; a read usually brings exactly one whole
@@ -174,6 +214,8 @@ class Connection:
         """
         if self._current is not None:
             raise RuntimeError(f"request {self._current.msg_id} has not been answered")
+        if self.state is State.CLOSING:
+            return None
         if self._skipping is not None:
             return self._skip()
         at = self._read
@@ -193,11 +235,40 @@ class Connection:
         payload = self._buffer[at + HEADER_SIZE : at + size]
         if self._fds:
             fds, truncated = self._claim_fds(size)
-            self._current = Request(msg_id, command, flags, payload, fds=fds, fds_truncated=truncated)
+            request = Request(msg_id, command, flags, payload, fds=fds, fds_truncated=truncated)
         else:
-            self._current = Request(msg_id, command, flags, payload)
+            request = Request(msg_id, command, flags, payload)
+        if (
+            self.state is not State.READY
+            or request.fds
+            or request.fds_truncated
+            or command in _CHECKED_WHEN_READY
+        ):
+            request.violation = self._violation(request)
         self._read = at + size
-        return self._current
+        self._current = request
+        return request
+
+    @property
+    def negotiated(self) -> bool:
+        return self.state is not State.AWAITING_VERSION
+
+    def _violation(self, request: Request) -> tuple[int, str] | None:
+        """The rule ``request`` breaks, or None."""
+        limits, command = self.limits, request.command
+        if request.fds_truncated:
+            return errno.EINVAL, f"more than {limits.max_msg_fds} fds"
+        if self.state is State.AWAITING_VERSION and command != Command.VERSION:
+            return errno.EINVAL, "VERSION must come first"
+        if self.state is State.READY and command == Command.VERSION:
+            return errno.EINVAL, "the version was already negotiated"
+        rule = RULES.get(command, _PLAIN)
+        allowed = limits.max_msg_fds if rule.fds is None else rule.fds
+        if len(request.fds) > allowed:
+            return errno.EINVAL, f"{len(request.fds)} fds where at most {allowed} belong"
+        if rule.needs == "write_multiple" and not self.write_multiple:
+            return errno.ENOTSUP, "write_multiple was not negotiated"
+        return None
 
     def _claim_fds(self, size: int) -> tuple[list[int], bool]:
         """The fds of the ``size`` bytes starting at the read position."""
@@ -221,8 +292,10 @@ class Connection:
         if skipping.remaining:
             return None
         self._skipping = None
-        self._current = Request(skipping.msg_id, skipping.command, skipping.flags, b"", too_big=True)
-        return self._current
+        request = Request(skipping.msg_id, skipping.command, skipping.flags, b"", too_big=True)
+        request.violation = errno.E2BIG, f"message over the {self.limits.max_message_size}-byte limit"
+        self._current = request
+        return request
 
     # output
     def reply(self, request: Request, payload: bytes = b"") -> bytes:
@@ -256,19 +329,19 @@ class Connection:
         Raises:
             CommandError: malformed proposal (EINVAL), another major (ENOTSUP).
         """
-        if len(request.payload) < 4:
-            raise CommandError(errno.EINVAL, f"VERSION payload of {len(request.payload)} bytes, need 4")
-        major = int.from_bytes(request.payload[0:2], "little")
-        minor = int.from_bytes(request.payload[2:4], "little")
-        del minor  # any minor of our major is answered with ours, which is not higher
+        if len(request.payload) < VERSION.size:
+            raise CommandError(
+                errno.EINVAL, f"VERSION payload of {len(request.payload)} bytes, need {VERSION.size}"
+            )
+        major, _ = VERSION.unpack_from(request.payload)  # any minor of ours is answered with ours
         if major != SUPPORTED_MAJOR:
             raise CommandError(
                 errno.ENOTSUP, f"client speaks vfio-user {major}.x, we speak {SUPPORTED_MAJOR}.x"
             )
         self.client_capabilities = self._client_capabilities(request.payload[4:])
-        self.negotiated = True
+        self.state = State.READY
         self.write_multiple = bool(self._capability_sets()[0].get("write_multiple"))
-        version = SUPPORTED_MAJOR.to_bytes(2, "little") + SUPPORTED_MINOR.to_bytes(2, "little")
+        version = VERSION.pack(SUPPORTED_MAJOR, SUPPORTED_MINOR)
         room = HEADER_SIZE + 4 + len(request.payload[4:])  # the client's buffer is its request's size
         for capabilities in self._capability_sets():
             text = json.dumps({"capabilities": capabilities}, separators=(",", ":")).encode() + b"\0"
@@ -303,6 +376,11 @@ class Connection:
         return [full, essential]
 
     # teardown
+    def close_after(self, reason: str) -> None:
+        """End the session once the current request is answered: nothing more is handed out."""
+        self.state = State.CLOSING
+        self.closing_reason = reason
+
     def close(self) -> None:
         """Close every fd still held: buffered, or attached to an unanswered request."""
         for _, fds, _ in self._fds:

@@ -38,17 +38,13 @@ from mediator.vfio_abi import (
 from mediator.vfio_user import wire
 from mediator.vfio_user.connection import CommandError, Connection, Request
 from mediator.vfio_user.model import DeviceModel, NoRequestEvents, RequestEvents
-from mediator.vfio_user.wire import REGION_ACCESS, WRITE_MULTI_ENTRY, Command
+from mediator.vfio_user.wire import REGION_ACCESS, WRITE_MULTI_COUNT, WRITE_MULTI_ENTRY, Command
 
 log = structlog.get_logger("mediator.vfio_user")
 
 Reply = tuple[bytes, list[int]]
 # The most writes QEMU batches into one REGION_WRITE_MULTI.
 WRITE_MULTI_MAX = 200
-FDS_ALLOWED: dict[int, int | None] = {
-    Command.DMA_MAP: 1,
-    Command.DEVICE_SET_IRQS: None,
-}  # None: up to max_msg_fds
 
 
 def _fields(schema: Any, payload: bytes, name: str) -> Any:
@@ -84,7 +80,6 @@ class DeviceService:
         self.auditor = auditor or Auditor()
         self._observe = self.events.request  # bound once: it runs for every request
         self.counts: Counter[int] = Counter()  # requests by command
-        self.closing: str | None = None  # why the session must end once this reply is out
         self._handlers: dict[int, Callable[[Request], Reply]] = {
             Command.VERSION: self._version,
             Command.DMA_MAP: self._dma_map,
@@ -119,18 +114,13 @@ class DeviceService:
         refusal = self.refusal or self.device.refusal
         if refusal:
             # Fail closed: every request, VERSION included, until the session ends.
-            self.closing = f"the device is not served: {refusal}"
-            return self._refuse(request, errno.EPERM, self.closing)
+            why = f"the device is not served: {refusal}"
+            self.connection.close_after(why)
+            return self._refuse(request, errno.EPERM, why)
+        if request.violation is not None:
+            return self._refuse(request, *request.violation)
         try:
-            handler = self._handlers.get(request.command)
-            if (
-                handler is None
-                or request.fds
-                or request.too_big
-                or request.fds_truncated
-                or not self.connection.negotiated
-            ):
-                handler = self._checked_handler(request)
+            handler = self._handlers.get(request.command) or self._unhandled(request.command)
             payload, fds = handler(request)
         except Refused as e:
             return self._refuse(request, e.errno, str(e))
@@ -154,31 +144,14 @@ class DeviceService:
     def handled(self) -> int:
         return self.counts.total()
 
-    def _checked_handler(self, request: Request) -> Callable[[Request], Reply]:
-        """The handler for a request that is not a plain negotiated one; raises CommandError to refuse."""
-        command = request.command
-        if request.too_big:
-            raise CommandError(
-                errno.E2BIG, f"message over the {self.connection.limits.max_message_size}-byte limit"
-            )
-        if request.fds_truncated:
-            raise CommandError(errno.EINVAL, f"more than {self.connection.limits.max_msg_fds} fds")
-        if command != Command.VERSION and not self.connection.negotiated:
-            raise CommandError(errno.EINVAL, "VERSION must come first")
-        allowed = FDS_ALLOWED.get(command, 0)
-        if allowed is not None and len(request.fds) > allowed:
-            raise CommandError(errno.EINVAL, f"{len(request.fds)} fds where at most {allowed} belong")
-        handler = self._handlers.get(command)
-        if handler is not None:
-            return handler
+    def _unhandled(self, command: int) -> Callable[[Request], Reply]:
+        """Raises the CommandError for a command this service does not carry out."""
         refused = self._refused.get(command)
         if refused is not None:
             raise CommandError(*refused)
         raise CommandError(errno.ENOSYS, f"unknown command {command}")
 
     def _version(self, request: Request) -> Reply:
-        if self.connection.negotiated:
-            raise CommandError(errno.EINVAL, "the version was already negotiated")
         return self.connection.negotiate(request), []
 
     def _dma_map(self, request: Request) -> Reply:
@@ -254,8 +227,6 @@ class DeviceService:
     def _set_irqs(self, request: Request) -> Reply:
         p = _fields(wire.SetIrqs, request.payload, "DEVICE_SET_IRQS")
         data = request.payload[wire.SetIrqs.sizeof() :]
-        if len(request.fds) > self.connection.limits.max_msg_fds:
-            raise CommandError(errno.EINVAL, f"{len(request.fds)} fds, over max_msg_fds")
         _check_eventfds(request.fds)
         self.device.set_irqs(
             p.index,
@@ -290,22 +261,21 @@ class DeviceService:
         return payload[: REGION_ACCESS.size], []
 
     def _write_multi(self, request: Request) -> Reply:
-        if not self.connection.write_multiple:
-            raise CommandError(errno.ENOTSUP, "write_multiple was not negotiated")
         payload = request.payload
-        if len(payload) < 8:
+        if len(payload) < WRITE_MULTI_COUNT.size:
             raise CommandError(errno.EINVAL, "REGION_WRITE_MULTI without a count")
-        count = int.from_bytes(payload[:8], "little")
-        if count > WRITE_MULTI_MAX or len(payload) != 8 + count * WRITE_MULTI_ENTRY.size:
+        (count,) = WRITE_MULTI_COUNT.unpack_from(payload)
+        if count > WRITE_MULTI_MAX or len(payload) != WRITE_MULTI_COUNT.size + count * WRITE_MULTI_ENTRY.size:
             raise CommandError(errno.EINVAL, f"REGION_WRITE_MULTI of {count} writes in {len(payload)} bytes")
         writes = [
-            WRITE_MULTI_ENTRY.unpack_from(payload, 8 + i * WRITE_MULTI_ENTRY.size) for i in range(count)
+            WRITE_MULTI_ENTRY.unpack_from(payload, WRITE_MULTI_COUNT.size + i * WRITE_MULTI_ENTRY.size)
+            for i in range(count)
         ]
         for offset, region, length, data in writes:
             if not 0 < length <= 8:
                 raise CommandError(errno.EINVAL, f"REGION_WRITE_MULTI entry of {length} bytes")
             self.device.write_region(region, offset, data[:length])
-        return payload[:8], []
+        return payload[: WRITE_MULTI_COUNT.size], []
 
     def _reset(self, request: Request) -> Reply:
         del request

@@ -91,9 +91,9 @@ def pump(messages: MessageSocket, connection: Connection, service: DeviceService
                     return "client closed the connection"
                 continue
             reply, fds = handle(request)
-            if service.closing:
+            if connection.closing_reason is not None:
                 send(b"".join([*pending, reply]))
-                return service.closing
+                return connection.closing_reason
             if fds:
                 if pending:
                     send(b"".join(pending))

@@ -105,6 +105,8 @@ class Codec:
 
 
 HEADER = Codec(Header)
+VERSION = Codec(Version)
+WRITE_MULTI_COUNT = Codec(WriteMultiCount)
 REGION_ACCESS = Codec(RegionAccess)
 WRITE_MULTI_ENTRY = Codec(WriteMultiEntry)
 assert HEADER.size == HEADER_SIZE
