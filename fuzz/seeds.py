@@ -169,7 +169,7 @@ def region_info(index: int, argsz: int = 32) -> Message:
     return Message(Command.DEVICE_GET_REGION_INFO, struct.pack("=IIIIQQ", argsz, 0, index, 0, 0, 0))
 
 
-def seeds() -> dict[str, Tape]:
+def seeds() -> dict[str, Tape]:  # noqa: PLR0915  a table of tapes, one paragraph each
     tapes = {}
 
     def tape(name: str, *, version_first: bool = True) -> Tape:

@@ -65,7 +65,7 @@ from __future__ import annotations
 import grp
 import pwd
 import string
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -233,32 +233,40 @@ def _placeholders(command: Sequence[str]) -> set[str]:
     return {name for word in command for _, name, _, _ in string.Formatter().parse(word) if name is not None}
 
 
+Problem = tuple[str, str]  # (key path, message)
+
+
 def _check(spec: SettingsSpec, source: str) -> list[InputError]:
-    errors: list[InputError] = []
+    problems = [*_check_devices(spec.device), *_check_commands(spec)]
+    if spec.fabric is not None:
+        problems += _check_partitions(spec.fabric, {device.name for device in spec.device})
+    return [InputError(source, where, message) for where, message in problems]
 
-    def problem(where: str, message: str) -> None:
-        errors.append(InputError(source, where, message))
 
+def _check_devices(devices: Sequence[DeviceSpec]) -> Iterable[Problem]:
     names: dict[str, int] = {}
     sockets: dict[str, int] = {}
-    for i, device in enumerate(spec.device):
+    for i, device in enumerate(devices):
         where = f"device[{i}] ({device.name})"
         if device.name in names:
-            problem(f"{where}.name", f"repeats device[{names[device.name]}]")
+            yield f"{where}.name", f"repeats device[{names[device.name]}]"
         names.setdefault(device.name, i)
         if device.socket in sockets:
-            problem(f"{where}.socket", f"repeats device[{sockets[device.socket]}]'s socket")
+            yield f"{where}.socket", f"repeats device[{sockets[device.socket]}]'s socket"
         sockets.setdefault(device.socket, i)
         if (device.bdf is None) == (device.profile is None):
-            problem(where, "give exactly one of bdf (a real device) or profile (simulated)")
+            yield where, "give exactly one of bdf (a real device) or profile (simulated)"
         if device.bdf is not None:
             try:
                 normalize_bdf(device.bdf)
             except AddressError as e:
-                problem(f"{where}.bdf", str(e))
+                yield f"{where}.bdf", str(e)
         for link in device.links:
             if not link.isdigit() or int(link) > 63:
-                problem(f"{where}.links.{link}", "link indexes are numbers 0-63")
+                yield f"{where}.links.{link}", "link indexes are numbers 0-63"
+
+
+def _check_commands(spec: SettingsSpec) -> Iterable[Problem]:
     commands = {"handoff.wipe": spec.handoff.wipe}
     if spec.fabric is not None:
         commands |= {
@@ -270,24 +278,25 @@ def _check(spec: SettingsSpec, source: str) -> list[InputError]:
         try:
             unknown = _placeholders(command or []) - COMMAND_FIELDS[key]
         except ValueError as e:
-            problem(key, f"a malformed placeholder: {e}")
+            yield key, f"a malformed placeholder: {e}"
             continue
         if unknown:
-            problem(
+            yield (
                 key,
                 f"unknown placeholder {{{sorted(unknown)[0]}}}; it may use "
                 + ", ".join(f"{{{name}}}" for name in sorted(COMMAND_FIELDS[key])),
             )
-    if spec.fabric is not None:
-        ids: dict[int, int] = {}
-        for i, partition in enumerate(spec.fabric.partition):
-            for member in partition.devices:
-                if member not in names:
-                    problem(f"fabric.partition[{i}].devices", f"no device named {member!r}")
-            if partition.id in ids:
-                problem(f"fabric.partition[{i}].id", f"repeats fabric.partition[{ids[partition.id]}]")
-            ids.setdefault(partition.id, i)
-    return errors
+
+
+def _check_partitions(fabric: FabricSpec, names: set[str]) -> Iterable[Problem]:
+    ids: dict[int, int] = {}
+    for i, partition in enumerate(fabric.partition):
+        for member in partition.devices:
+            if member not in names:
+                yield f"fabric.partition[{i}].devices", f"no device named {member!r}"
+        if partition.id in ids:
+            yield f"fabric.partition[{i}].id", f"repeats fabric.partition[{ids[partition.id]}]"
+        ids.setdefault(partition.id, i)
 
 
 def load_settings(path: Path) -> Settings:

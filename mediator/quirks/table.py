@@ -25,7 +25,7 @@ from mediator.pci import capabilities as caps
 from mediator.pci.capabilities import CapKind
 from mediator.pci.chain import Capability
 from mediator.pci.registers import BAR0, CAPABILITY_LIST, ROM_ADDRESS, Identity
-from mediator.quirks.schema import CapabilitySelector, Match, Quirk, RegisterRule
+from mediator.quirks.schema import CapabilitySelector, Match, Quirk, RegisterRule, RegisterWrite, Synthesis
 from mediator.tomlinput import convert, parse_toml, read_toml
 
 BUILTIN_PACKAGE = "mediator.quirks.builtin"
@@ -160,16 +160,7 @@ def check_quirk(quirk: Quirk) -> list[Problem]:
     for i, span in enumerate(quirk.hide_ranges):
         problems.extend(_check_absolute_range(span.offset, span.size, f"hide_ranges[{i}]"))
     for i, synthesis in enumerate(quirk.synthesize):
-        if not synthesis.at:
-            problems.append((f"synthesize[{i}].at", "give at least one offset"))
-        for j, at in enumerate(synthesis.at):
-            if at % 4 or at < 0x40 or at + 8 > 0x100:
-                problems.append(
-                    (
-                        f"synthesize[{i}].at[{j}]",
-                        f"{at:#x} is not a dword-aligned offset in 0x40-0xf8",
-                    )
-                )
+        problems.extend(_check_synthesis(synthesis, f"synthesize[{i}]"))
     for i, trap in enumerate(quirk.bar_traps):
         if trap.offset + trap.size > 1 << 64:
             problems.append((f"bar_traps[{i}]", "window ends past 2^64"))
@@ -177,21 +168,28 @@ def check_quirk(quirk: Quirk) -> list[Problem]:
         if flags.bits is None and flags.prefetchable is None:
             problems.append((f"bar_flags[{i}]", "give bits, prefetchable or both"))
     for i, write in enumerate(quirk.post_reset):
-        if write.value == "foreign-links" and not write.links:
-            problems.append((f"post_reset[{i}].links", "foreign-links needs the number of links"))
-        if write.value != "foreign-links" and (write.links or write.shift):
-            problems.append((f"post_reset[{i}]", 'links and shift only go with value = "foreign-links"'))
-        if write.offset % write.size:
-            problems.append(
-                (
-                    f"post_reset[{i}].offset",
-                    f"{write.offset:#x} is not aligned to its size {write.size}",
-                )
-            )
-        widest = write.value if isinstance(write.value, int) else ((1 << write.links) - 1) << write.shift
-        if widest >= 1 << (8 * write.size):
-            problems.append((f"post_reset[{i}].value", f"does not fit in {write.size} bytes"))
+        problems.extend(_check_post_reset(write, f"post_reset[{i}]"))
     return problems
+
+
+def _check_synthesis(synthesis: Synthesis, where: str) -> Iterable[Problem]:
+    if not synthesis.at:
+        yield f"{where}.at", "give at least one offset"
+    for j, at in enumerate(synthesis.at):
+        if at % 4 or at < 0x40 or at + 8 > 0x100:
+            yield f"{where}.at[{j}]", f"{at:#x} is not a dword-aligned offset in 0x40-0xf8"
+
+
+def _check_post_reset(write: RegisterWrite, where: str) -> Iterable[Problem]:
+    if write.value == "foreign-links" and not write.links:
+        yield f"{where}.links", "foreign-links needs the number of links"
+    if write.value != "foreign-links" and (write.links or write.shift):
+        yield where, 'links and shift only go with value = "foreign-links"'
+    if write.offset % write.size:
+        yield f"{where}.offset", f"{write.offset:#x} is not aligned to its size {write.size}"
+    widest = write.value if isinstance(write.value, int) else ((1 << write.links) - 1) << write.shift
+    if widest >= 1 << (8 * write.size):
+        yield f"{where}.value", f"does not fit in {write.size} bytes"
 
 
 def parse_table(document: dict[str, Any], source: str) -> list[Quirk]:

@@ -500,8 +500,31 @@ class _Planner:
     # 7. BARs
     def bars(self, regions: Sequence[RegionInfo]) -> tuple[tuple[VirtualBar, ...], VirtualBar | None]:
         sizes = [region.size for region in regions[:BAR_COUNT]]
-        rom_size = regions[ROM_REGION].size
         types = [BarType.of(self.image, i) for i in range(BAR_COUNT)]
+        virtual_types = self._bar_types(sizes, types)
+        bars = []
+        upper_halves: set[int] = set()
+        for index in range(BAR_COUNT):
+            if index in upper_halves:
+                continue
+            if sizes[index] == 0:
+                self._emulate_bar_register(index, 0, 0)
+                continue
+            bar_type = virtual_types[index]
+            if bar_type.is_64 and index == BAR_COUNT - 1:
+                self.anomalies.append(f"BAR{index} claims 64 bits but is the last BAR; served as 32-bit")
+                bar_type = BarType(prefetchable=bar_type.prefetchable)
+            if bar_type.is_64:
+                upper_halves.add(index + 1)
+                if sizes[index + 1]:
+                    self.anomalies.append(
+                        f"BAR{index + 1} has a size but is the upper half of 64-bit BAR{index}; ignored"
+                    )
+            bars.append(self._bar(index, regions[index], types[index], bar_type))
+        return tuple(bars), self._rom(regions[ROM_REGION].size)
+
+    def _bar_types(self, sizes: Sequence[int], types: Sequence[BarType]) -> list[BarType]:
+        """The guest's BAR types: the device's, as the quirks' ``bar_flags`` change them."""
         virtual_types = list(types)
         for quirk in self.quirks:
             for flags in quirk.bar_flags:
@@ -520,60 +543,42 @@ class _Planner:
                     )
                 virtual_types[flags.bar] = BarType(is_64=is_64, prefetchable=prefetchable)
                 self.decide(quirk.name, "bar-flags", f"BAR{flags.bar}", str(virtual_types[flags.bar]))
-        bars = []
-        upper_halves: set[int] = set()
-        for index in range(BAR_COUNT):
-            if index in upper_halves:
-                continue
-            size = sizes[index]
-            if size == 0:
-                self._emulate_bar_register(index, 0, 0)
-                continue
-            bar_type = virtual_types[index]
-            if bar_type.is_64 and index == BAR_COUNT - 1:
-                self.anomalies.append(f"BAR{index} claims 64 bits but is the last BAR; served as 32-bit")
-                bar_type = BarType(prefetchable=bar_type.prefetchable)
-            if bar_type.is_64:
-                upper_halves.add(index + 1)
-                if sizes[index + 1]:
-                    self.anomalies.append(
-                        f"BAR{index + 1} has a size but is the upper half of 64-bit BAR{index}; ignored"
-                    )
-            vsize = virtual_bar_size(size, bar_type)
-            if not bar_type.io and not bar_type.is_64 and vsize > MAX_32BIT_BAR:
-                raise PlanError(
-                    f"BAR{index} is a 32-bit BAR of {format_size(vsize)}, above the 2G a 32-bit BAR can "
-                    f"decode; add a bar_flags quirk with bits = 64"
-                )
-            if vsize != size:
-                self.decide(
-                    "core:power-of-two",
-                    "resize",
-                    f"BAR{index}",
-                    f"{format_size(size)} -> {format_size(vsize)}; padding reads 0xff",
-                )
-            traps = self._traps(index, vsize)
-            address_mask = ~(vsize - 1) & ((1 << 64) - 1) & ~(0x3 if bar_type.io else 0xF)
-            self._emulate_bar_register(index, bar_type.flags, address_mask & 0xFFFFFFFF)
-            if bar_type.is_64:
-                self._emulate_bar_register(index + 1, 0, address_mask >> 32)
-            mmap_areas = () if bar_type.io else _mmap_areas(regions[index].mappable, traps)
-            bars.append(VirtualBar(index, size, vsize, types[index], bar_type, mmap_areas, traps))
-        rom = None
-        if rom_size:
-            vsize = virtual_bar_size(rom_size, BarType())
-            mask = (~(vsize - 1) & ROM_ADDRESS_MASK) | ROM_ENABLE
-            self.layout.emulate(
-                ROM_ADDRESS,
-                bytes(4),
-                mask.to_bytes(4, "little"),
-                RuleKind.VIRTUAL,
-                "core:bar-emulation",
+        return virtual_types
+
+    def _bar(self, index: int, region: RegionInfo, physical_type: BarType, bar_type: BarType) -> VirtualBar:
+        """One implemented BAR: its virtual size, register emulation, trap windows and mmappable areas."""
+        size = region.size
+        vsize = virtual_bar_size(size, bar_type)
+        if not bar_type.io and not bar_type.is_64 and vsize > MAX_32BIT_BAR:
+            raise PlanError(
+                f"BAR{index} is a 32-bit BAR of {format_size(vsize)}, above the 2G a 32-bit BAR can "
+                f"decode; add a bar_flags quirk with bits = 64"
             )
-            rom = VirtualBar(ROM_REGION, rom_size, vsize, BarType(), BarType(), (), ())
-        else:
+        if vsize != size:
+            self.decide(
+                "core:power-of-two",
+                "resize",
+                f"BAR{index}",
+                f"{format_size(size)} -> {format_size(vsize)}; padding reads 0xff",
+            )
+        traps = self._traps(index, vsize)
+        address_mask = ~(vsize - 1) & ((1 << 64) - 1) & ~(0x3 if bar_type.io else 0xF)
+        self._emulate_bar_register(index, bar_type.flags, address_mask & 0xFFFFFFFF)
+        if bar_type.is_64:
+            self._emulate_bar_register(index + 1, 0, address_mask >> 32)
+        mmap_areas = () if bar_type.io else _mmap_areas(region.mappable, traps)
+        return VirtualBar(index, size, vsize, physical_type, bar_type, mmap_areas, traps)
+
+    def _rom(self, rom_size: int) -> VirtualBar | None:
+        if not rom_size:
             self.layout.emulate(ROM_ADDRESS, bytes(4), bytes(4), RuleKind.VIRTUAL, "core:bar-emulation")
-        return tuple(bars), rom
+            return None
+        vsize = virtual_bar_size(rom_size, BarType())
+        mask = (~(vsize - 1) & ROM_ADDRESS_MASK) | ROM_ENABLE
+        self.layout.emulate(
+            ROM_ADDRESS, bytes(4), mask.to_bytes(4, "little"), RuleKind.VIRTUAL, "core:bar-emulation"
+        )
+        return VirtualBar(ROM_REGION, rom_size, vsize, BarType(), BarType(), (), ())
 
     def _emulate_bar_register(self, index: int, flags: int, writable: int) -> None:
         self.layout.emulate(

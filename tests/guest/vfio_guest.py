@@ -174,7 +174,7 @@ def ext_ids(config: bytes) -> list[int]:
     return [c.id for c in walk(config).ext]
 
 
-def main() -> None:
+def main() -> None:  # noqa: PLR0915  one nested function per check, in the order they run
     bdfs = {kind: find(kind) for kind in IDS}
     report("devices", ok=True, **bdfs)
 
@@ -214,7 +214,7 @@ def main() -> None:
     edu = bdfs["edu"]
 
     @checked("edu-session")
-    def _() -> dict[str, object]:
+    def _() -> dict[str, object]:  # noqa: PLR0915  one session, step by step
         with daemon(edu, reset=NO_RESET) as (sock, log):
             client = connect(sock)
             assert client.region_write(7, 0x04, b"\x06\x00").ok  # memory decoding and bus mastering

@@ -161,7 +161,7 @@ def test_label_values_are_escaped_and_parse_back() -> None:
     assert 'device="gpu \\"0\\" \\\\ on\\nline two"' in metrics.render()
 
 
-def test_every_daemon_series_is_exported_and_parses() -> None:
+def test_every_daemon_series_is_exported_and_parses() -> None:  # noqa: PLR0915  every series, once
     metrics = Metrics(version="9.9.9")
     gpu = metrics.device("gpu0")
     assert metrics.device("gpu0") is gpu
