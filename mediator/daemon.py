@@ -41,7 +41,8 @@ from mediator.backends.vfio import VfioBackend
 from mediator.errors import InputErrors
 from mediator.fabric import Fabric, FabricError
 from mediator.handoff import HandOff, HandOffReason, HandOffRecord, Owner
-from mediator.metrics import Metrics, serve_metrics, write_textfile_periodically
+from mediator.metrics.exporters import serve_metrics, write_textfile_periodically
+from mediator.metrics.series import Metrics
 from mediator.pci.chain import ChainError
 from mediator.quirks.table import QuirkTable
 from mediator.settings import DeviceSpec, Settings, load_settings

@@ -17,15 +17,12 @@ parameters so tests can point them at trees of their own.
 
 from __future__ import annotations
 
-import argparse
 import errno
-import json
 import re
 import resource
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -435,105 +432,3 @@ def doctor(
         _acs(device),
         _memlock(guest_ram, proc),
     ]
-
-
-# the commands
-
-SIZE = re.compile(r"^(\d+)([KMGT]?)(?:i?B)?$", re.IGNORECASE)
-SIZE_SHIFTS = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
-
-
-def parse_size(text: str) -> int:
-    """``64G`` -> 64 GiB; units are powers of 1024."""
-    match = SIZE.match(text.strip())
-    if match is None:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a size: give bytes or a number with K, M, G or T (powers of 1024), e.g. 64G"
-        )
-    return int(match.group(1)) << SIZE_SHIFTS[match.group(2).upper()]
-
-
-def _group_text(summary: DeviceSummary) -> str:
-    if summary.iommu_group is None:
-        return "no IOMMU group"
-    return f"group {summary.iommu_group} {'viable' if summary.group_viable else 'NOT viable'}"
-
-
-def run_devices(args: argparse.Namespace) -> int:
-    summaries = list_devices(args.sysfs)
-    if args.json:
-        json.dump([s.to_json() for s in summaries], sys.stdout, indent=1)
-        sys.stdout.write("\n")
-        return 0
-    if not summaries:
-        print("no candidate for VFIO: nothing is bound to vfio-pci, no display controller, no IOMMU group")
-        return 0
-    print(f"{'BDF':<12}  {'ID':<9}  {'CLASS':<6}  {'DRIVER':<16}  {'IOMMU':<20}  QUIRKS")
-    for s in summaries:
-        ids = f"{s.identity.vendor:04x}:{s.identity.device:04x}"
-        print(
-            f"{s.bdf:<12}  {ids:<9}  {s.identity.class_code:06x}  {s.driver or '-':<16}  "
-            f"{_group_text(s):<20}  {', '.join(s.quirks) or '-'}"
-        )
-        others = [f"{bdf} ({driver or 'no driver'})" for bdf, driver in s.group_members if bdf != s.bdf]
-        if others:
-            print(f"{'':<14}group {s.iommu_group} also holds {', '.join(others)}")
-    return 0
-
-
-def run_doctor(args: argparse.Namespace) -> int:
-    findings = doctor(args.device, args.sysfs, args.guest_ram, proc=args.proc, dev=args.dev)
-    errors = sum(f.severity == "error" for f in findings)
-    if args.json:
-        document = {"device": args.device, "errors": errors, "findings": [asdict(f) for f in findings]}
-        json.dump(document, sys.stdout, indent=1)
-        sys.stdout.write("\n")
-    else:
-        for f in findings:
-            print(f"{f.severity:<7}  {f.check:<8}  {f.found}")
-            if f.fix:
-                print(f"{'':<9}fix: {f.fix}")
-    return 1 if errors else 0
-
-
-def _tree_arguments(command: argparse.ArgumentParser, *trees: str) -> None:
-    # Not for operators: tests point these at fake trees, so they stay out of --help.
-    defaults = {"sysfs": SYSFS, "proc": PROC, "dev": DEV}
-    for tree in trees:
-        command.add_argument(f"--{tree}", type=Path, default=defaults[tree], help=argparse.SUPPRESS)
-
-
-def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``devices`` and ``doctor`` on the top-level command's subparsers."""
-    devices = commands.add_parser(
-        "devices",
-        help="list the PCI functions that could be served: driver, IOMMU group, matching quirks",
-        description="List every PCI function bound to a VFIO driver, every display controller and "
-        "every function in an IOMMU group, with its group (viable or not) and the device-specific "
-        "built-in quirks that match it. Reads sysfs only; exit 0.",
-    )
-    devices.add_argument("--json", action="store_true", help="print one JSON list")
-    _tree_arguments(devices, "sysfs")
-    devices.set_defaults(run=run_devices)
-
-    doctor_command = commands.add_parser(
-        "doctor",
-        help="check a function before serving it, and say how to fix what is wrong",
-        description="Check everything that would stop the daemon serving a function or weaken its "
-        "isolation: driver, IOMMU group, VFIO nodes, reset method, expansion ROM, ATS on the host, "
-        "ACS above it, RLIMIT_MEMLOCK. One line per check (ok, warning, error) with the fix under "
-        "it. Exit 1 when a check is an error; warnings do not fail. Reading the ROM needs root and "
-        "briefly enables it: run doctor while the device is not in use.",
-    )
-    doctor_command.add_argument(
-        "--device", required=True, metavar="BDF", help="the function, e.g. 0000:3b:00.0"
-    )
-    doctor_command.add_argument(
-        "--guest-ram",
-        type=parse_size,
-        metavar="SIZE",
-        help="the guest's RAM (e.g. 64G), to check RLIMIT_MEMLOCK against",
-    )
-    doctor_command.add_argument("--json", action="store_true", help="print one JSON object")
-    _tree_arguments(doctor_command, "sysfs", "proc", "dev")
-    doctor_command.set_defaults(run=run_doctor)

@@ -26,7 +26,7 @@ import trio
 
 from mediator.backends.sim import SimBackend
 from mediator.daemon import Daemon
-from mediator.metrics import DeviceMetrics
+from mediator.metrics.series import DeviceMetrics
 from mediator.settings import DeviceSpec, Settings
 from mediator.unix_listener import bind_unix
 from mediator.vfio_user.server import ClientRefusal, DeviceServer

@@ -19,16 +19,14 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mediator.metrics import (
-    LATENCY_BOUNDS,
-    DeviceMetrics,
+from mediator.metrics.exporters import (
     ExporterLimits,
-    Metrics,
-    Registry,
     serve_metrics,
     write_textfile,
     write_textfile_periodically,
 )
+from mediator.metrics.registry import LATENCY_BOUNDS, Registry
+from mediator.metrics.series import DeviceMetrics, Metrics
 from mediator.vfio_user.wire import Command
 
 # A tiny parser for the text format 0.0.4, strict enough to catch a malformed exposition.

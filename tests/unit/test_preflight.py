@@ -9,10 +9,10 @@ from typing import Literal
 
 import pytest
 
-from mediator.cli import main
+from mediator.cli import main, parse_size
 from mediator.pci.registers import Identity
 from mediator.pci.rom import build_rom
-from mediator.preflight import Finding, doctor, list_devices, parse_size
+from mediator.preflight import Finding, doctor, list_devices
 from tests.fakesysfs import ACS_ISOLATED, FakeSysfs, fake_dev, fake_proc, root_port, with_ats
 from tests.support import profile
 
