@@ -203,7 +203,7 @@ def check_reply(request: Request, reply: bytes, fds: list[int], device: VirtualD
     assert bool(flags & FLAG_ERROR) == bool(error), f"error flag {flags:#x} with errno {error}"
     assert not error or error in errno.errorcode, f"errno {error}"
     assert not (error and (fds or size > HEADER_SIZE)), "an error reply with a payload or fds"
-    assert error != errno.EIO or device.blocked, f"EIO from a working device for command {command}"
+    assert error != errno.EIO or device.refusal, f"EIO from a working device for command {command}"
 
 
 def serve(reads: list[Read], connection: Connection, service: DeviceService, client: Client) -> None:

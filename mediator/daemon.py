@@ -115,7 +115,7 @@ class ManagedDevice:
     def _publish_state(self) -> None:
         quarantined = self._daemon.state.quarantined(self.spec.name) is not None
         self.metrics.set_state(
-            "quarantined" if quarantined else "blocked" if self.device.blocked else "serving"
+            "quarantined" if quarantined else "blocked" if self.device.refusal else "serving"
         )
         self._daemon.notifier.status(self._daemon.status())  # systemctl status shows it at once
 
@@ -140,7 +140,7 @@ class ManagedDevice:
             f"quarantined since {record.get('started', 'an earlier hand-off')}: {why}; "
             f"after fixing the cause run `vfio-mediator release --device {self.spec.name}`"
         )
-        if self.device.blocked != reason:
+        if self.device.refusal != reason:
             self.device.block(reason)
             self._publish_state()
         return reason
@@ -154,8 +154,8 @@ class ManagedDevice:
             if reason is not None:
                 return self.device, reason
             # Released by an operator, or a protection failed: start again.
-            if self.device.blocked and not self._hand_off(HandOffReason.BLOCKED).ok:
-                return self.device, self.device.blocked
+            if self.device.refusal and not self._hand_off(HandOffReason.BLOCKED).ok:
+                return self.device, self.device.refusal
             # Recorded first: a daemon that dies with this client must hand the device off at its next start.
             try:
                 self._daemon.state.session_started(self.spec.name, {"tenant": self.spec.tenant})
@@ -273,7 +273,7 @@ class Daemon:
         return daemon
 
     def status(self) -> str:
-        blocked = sum(1 for m in self.managed if m.device.blocked)
+        blocked = sum(1 for m in self.managed if m.device.refusal)
         parts = [f"serving {len(self.managed)} device{'s' if len(self.managed) != 1 else ''}"]
         if blocked:
             parts.append(f"{blocked} refused (quarantine or protection)")

@@ -84,7 +84,7 @@ class VirtualDevice:
         self.auditor = Auditor()
         # Why the device must not be served (a protection that could not be
         # established, quarantine); None while it may be.
-        self.blocked: str | None = None
+        self.refusal: str | None = None
         self.dma = DmaSpace(backend, max_dma_mappings, events)
         self.interrupts = Interrupts(backend)
         self.resets = Resets(backend, self.config, plan, events, self.block)
@@ -126,10 +126,6 @@ class VirtualDevice:
         return build_plan(image, table.for_device(Identity.of(image)), regions, context)
 
     # what the server asks of a DeviceModel besides regions, interrupts, DMA and reset
-    @property
-    def refusal(self) -> str | None:
-        return self.blocked
-
     @property
     def can_reset(self) -> bool:
         return self.backend.can_reset
@@ -324,9 +320,9 @@ class VirtualDevice:
 
     def block(self, reason: str) -> None:
         """Refuse to serve the device until the cause is fixed."""
-        self.blocked = reason
+        self.refusal = reason
         log.error("device blocked", why=reason)
 
     def unblock(self) -> None:
         """Serve the device again: a hand-off found it clean."""
-        self.blocked = None
+        self.refusal = None

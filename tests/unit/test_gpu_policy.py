@@ -74,7 +74,7 @@ def isolation_that_does_not_hold():  # type: ignore[no-untyped-def]
 
 def test_a_device_whose_isolation_does_not_hold_is_refused_with_the_reason() -> None:
     with Session(isolation_that_does_not_hold()) as session:
-        blocked = session.device.blocked
+        blocked = session.device.refusal
         assert blocked is not None
         assert "0xa00148 reads 0x0" in blocked and "nvidia/nvlink-isolation" in blocked
         reply = session.version()
@@ -86,13 +86,13 @@ def test_a_device_whose_isolation_does_not_hold_is_refused_with_the_reason() -> 
 
 def test_a_reset_that_loses_isolation_blocks_the_device() -> None:
     dev, sim = device("v100-sxm2")
-    assert dev.blocked is None
+    assert dev.refusal is None
     sim.profile = isolation_that_does_not_hold()  # the register drops to 0 and stops taking writes
     sim.memory(0)[LINK_DISABLE : LINK_DISABLE + 4] = bytes(4)
     with pytest.raises(DeviceError) as failure:
         dev.reset()
     assert failure.value.errno == errno.EIO
-    assert dev.blocked is not None
+    assert dev.refusal is not None
 
 
 def test_gpudirect_clique_comes_from_the_config_and_is_read_only() -> None:

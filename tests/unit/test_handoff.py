@@ -41,7 +41,7 @@ def test_a_clean_device_passes_every_step_with_a_bus_reset(tmp_path: Path) -> No
     assert steps["reset"] == "bus reset" and sim.bus_resets == 1
     assert steps["isolation"] == "4 post-reset writes made, 1 verified"
     assert "1 image(s)" in steps["rom"] and "SHA-256" in steps["rom"]
-    assert dev.blocked is None and state.quarantined("gpu0") is None
+    assert dev.refusal is None and state.quarantined("gpu0") is None
     kept = list((tmp_path / "handoffs" / "gpu0").glob("*.json"))
     assert len(kept) == 1
     document = json.loads(kept[0].read_text())
@@ -67,7 +67,7 @@ def test_a_blank_rom_quarantines_the_device_and_stops_the_hand_off(tmp_path: Pat
     assert results(record)["rom"] == "failed" and results(record)["wipe"] == "not run"
     assert record.failure is not None and "no 0x55AA signature" in record.failure
     assert wipe.calls() == []
-    assert dev.blocked == f"quarantined: {record.failure}"
+    assert dev.refusal == f"quarantined: {record.failure}"
     quarantined = state.quarantined("gpu0")
     assert quarantined is not None and quarantined["ok"] is False
     assert (tmp_path / "quarantine" / "gpu0.json").exists()
@@ -79,7 +79,7 @@ def test_the_rom_must_be_on_the_allow_list_when_there_is_one() -> None:
     record = HandOff(policy, StateStore(None)).run(dev, OWNER, HandOffReason.CLIENT_GONE)
     assert results(record)["rom"] == "failed" and "not on the allow-list" in (record.failure or "")
     digest = record.failure.split("SHA-256 ")[1].split()[0] if record.failure else ""
-    dev.blocked = None
+    dev.refusal = None
     record = HandOff(HandoffSpec(rom_sha256=[digest.upper()]), StateStore(None)).run(
         dev, OWNER, HandOffReason.ON_DEMAND
     )
@@ -112,7 +112,7 @@ def test_isolation_that_does_not_hold_after_the_reset_quarantines() -> None:
     record = HandOff(HandoffSpec(), StateStore(None)).run(dev, OWNER, HandOffReason.DAEMON_START)
     assert results(record)["isolation"] == "failed"
     assert "0xa00148 reads 0x0" in (record.failure or "")
-    assert dev.blocked is not None and dev.blocked.startswith("quarantined: isolation:")
+    assert dev.refusal is not None and dev.refusal.startswith("quarantined: isolation:")
 
 
 def test_a_device_that_comes_back_different_fails_the_config_check() -> None:
@@ -142,7 +142,7 @@ def test_a_successful_hand_off_lifts_a_block() -> None:
     dev, _ = device("h100-sxm5")
     dev.block("a protection failed earlier")
     assert HandOff(HandoffSpec(), StateStore(None)).run(dev, OWNER, HandOffReason.ON_DEMAND).ok
-    assert dev.blocked is None
+    assert dev.refusal is None
 
 
 def test_a_function_reset_when_the_device_shares_its_bus() -> None:
@@ -157,7 +157,7 @@ def test_a_device_with_no_reset_is_quarantined_unless_its_config_opts_out() -> N
     dev.config.write(0x3C, b"\x42")
     record = HandOff(HandoffSpec(), StateStore(None)).run(dev, OWNER, HandOffReason.CLIENT_GONE)
     assert results(record)["reset"] == "failed" and "no reset method" in (record.failure or "")
-    assert dev.blocked is not None
+    assert dev.refusal is not None
     record = HandOff(HandoffSpec(), StateStore(None)).run(dev, OWNER, HandOffReason.CLIENT_GONE, reset="none")
     assert record.ok and results(record)["reset"] == "skipped" and sim.resets == 0
     assert dev.config.read(0x3C, 1) == b"\x0a"  # the virtual state is reset all the same
