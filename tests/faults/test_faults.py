@@ -16,7 +16,6 @@ import os
 import resource
 import signal
 import socket
-import statistics
 import struct
 import threading
 import time
@@ -187,43 +186,56 @@ def test_a_client_that_never_reads_costs_bounded_memory_and_no_other_device(tmp_
             assert after.region_read(CONFIG_REGION, 0, 4).ok
 
 
-def _read_latency(session: Client, rounds: int) -> float:
-    samples = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        assert session.region_read(CONFIG_REGION, 0, 4).ok
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
+VENDOR_DEVICE = bytes.fromhex("de103023")  # config offset 0 of the H100 profile, also through MIRROR
 
 
-def test_a_flood_of_trapped_accesses_on_one_device_leaves_another_within_twice_its_idle_latency(
+def test_a_flood_of_trapped_accesses_on_one_device_leaves_another_answering_correctly(
     tmp_path: Path,
 ) -> None:
-    with start(tmp_path, "h100-sxm5", "h100-sxm5") as daemon:
-        del daemon
-        with client(tmp_path / "gpu1.sock") as measured:
-            _read_latency(measured, 500)
-            idle = _read_latency(measured, 3000)
-            stop = threading.Event()
-            flooded = []
+    """Only what does not depend on timing; the latency cost is bench/flood_latency.py's to measure."""
+    with start(tmp_path, "h100-sxm5", "h100-sxm5"), client(tmp_path / "gpu1.sock") as measured:
+        stop, started = threading.Event(), threading.Event()
+        flooded: list[int] = []
+        wrong: list[str] = []
+        failed: list[BaseException] = []
 
-            def flood() -> None:
+        def flood() -> None:
+            try:
                 with client(tmp_path / "gpu0.sock") as hostile:
                     request = struct.pack("=QII", MIRROR, 0, 4)
                     while not stop.is_set():  # pipelined: 64 trapped reads in flight at a time
                         ids = [hostile.send(Command.REGION_READ, request) for _ in range(64)]
-                        for _ in ids:
-                            hostile.receive()
+                        for msg_id in ids:
+                            reply = hostile.receive()
+                            if reply.msg_id != msg_id or not reply.ok or reply.payload[16:] != VENDOR_DEVICE:
+                                wrong.append(f"flood {msg_id}: {reply}")
                         flooded.append(len(ids))
+                        started.set()
+            except BaseException as error:  # reported by the test, not lost in the thread
+                failed.append(error)
+                started.set()
 
-            flooder = threading.Thread(target=flood)
-            flooder.start()
-            time.sleep(0.5)
-            busy = _read_latency(measured, 3000)
+        flooder = threading.Thread(target=flood)
+        flooder.start()
+        try:
+            assert started.wait(30) and not failed, failed
+            answered = 0
+            hung = time.monotonic() + 300  # a hang guard only: no speed is asserted
+            # Reads on the other device for as long as the flood takes to reach 10,000 reads (and 3,000
+            # reads at least), so they overlap it however fast either side runs.
+            while answered < 3000 or sum(flooded) < 10_000:
+                assert flooder.is_alive() and not failed, failed
+                assert time.monotonic() < hung, f"the flood stalled at {sum(flooded)} reads"
+                reply = measured.region_read(CONFIG_REGION, 0, 4)
+                assert reply.ok and reply.payload[16:] == VENDOR_DEVICE, reply
+                answered += 1
+        finally:
             stop.set()
             flooder.join(20)
-        assert sum(flooded) > 10_000  # the flood really ran
-        assert busy / idle < 2.0, f"idle {idle * 1e6:.1f} us, during the flood {busy * 1e6:.1f} us"
+        assert not failed, failed
+        assert not flooder.is_alive()
+        assert sum(flooded) >= 10_000  # the flood really ran
+        assert wrong == []  # and each of its reads was answered, in order and correctly
 
 
 def test_a_reset_slower_than_the_client_waits_is_answered_in_time_and_handed_off(tmp_path: Path) -> None:
