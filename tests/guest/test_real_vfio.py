@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,17 +28,33 @@ MODULES = "irqbypass vfio vfio_iommu_type1 vfio-pci-core vfio-pci netfs 9pnet 9p
 REPORT = Path(__file__).parents[2] / ".cache" / "real-vfio-report.json"
 
 
+def cached_testbed() -> Path:
+    """Where scripts/testbed keeps QEMU and the guest: the guest's daemon runs that same QEMU."""
+    return Path(os.environ.get("VFIO_MEDIATOR_CACHE", Path.home() / ".cache" / "vfio-mediator")).resolve()
+
+
+def paths_to_keep_under_tmp(paths: list[Path]) -> list[Path]:
+    """The outermost of `paths` that lie under /tmp, which the guest replaces with its own tmpfs."""
+    kept: list[Path] = []
+    for path in sorted({p for p in paths if p.is_relative_to("/tmp") and p != Path("/tmp")}):
+        if not any(path.is_relative_to(parent) for parent in kept):
+            kept.append(path)
+    return kept
+
+
 def in_guest_script() -> str:
+    home, cache = Path.home().resolve(), cached_testbed()
     run = (
-        f"cd {ROOT} && exec /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME={Path.home()} "
-        f"TMPDIR=/tmp PYTHONDONTWRITEBYTECODE=1 {sys.executable} -m tests.guest.vfio_guest"
+        f"cd {ROOT} && exec /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME={home} "
+        f"VFIO_MEDIATOR_CACHE={cache} TMPDIR=/tmp PYTHONDONTWRITEBYTECODE=1 "
+        f"{sys.executable} -m tests.guest.vfio_guest"
     )
-    # The guest's /tmp is its own tmpfs; a checkout under the host's /tmp is
-    # bound back into it so the daemon's code stays reachable.
-    keep = (
-        f"mkdir -p /host{ROOT} && mount -o bind /host-tmp/{ROOT.relative_to('/tmp')} /host{ROOT}; "
-        if ROOT.is_relative_to("/tmp")
-        else ""
+    # The guest's /tmp is its own tmpfs; a checkout, a home or a testbed
+    # cache under the host's /tmp is bound back into it, read-only like the
+    # rest of the host, so the daemon's code and the cached QEMU stay reachable.
+    keep = "".join(
+        f"mkdir -p /host{path} && mount -o bind /host-tmp/{path.relative_to('/tmp')} /host{path}; "
+        for path in paths_to_keep_under_tmp([ROOT.resolve(), home, cache])
     )
     return (
         f"for m in {MODULES}; do insmod /modules/$m.ko || echo RESULT-FAIL insmod $m; done; "
