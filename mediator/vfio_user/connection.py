@@ -170,7 +170,9 @@ class _Oversized:
 class Connection:
     def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
+        self._max_message_size = self.limits.max_message_size  # read for every message
         self.state = State.AWAITING_VERSION
+        self._ready = False  # state is READY: one check on the hot path instead of two
         self.closing_reason: str | None = None
         self.write_multiple = False
         self.client_capabilities: dict[str, object] = {}
@@ -214,7 +216,7 @@ class Connection:
         """
         if self._current is not None:
             raise RuntimeError(f"request {self._current.msg_id} has not been answered")
-        if self.state is State.CLOSING:
+        if not self._ready and self.state is State.CLOSING:
             return None
         if self._skipping is not None:
             return self._skip()
@@ -227,7 +229,7 @@ class Connection:
         if flags & FLAG_TYPE_MASK != TYPE_COMMAND:
             kind = "a reply" if flags & FLAG_TYPE_MASK == TYPE_REPLY else f"type {flags & FLAG_TYPE_MASK}"
             raise ProtocolError(f"message {msg_id} is {kind}; the server only takes commands")
-        if size > self.limits.max_message_size:
+        if size > self._max_message_size:
             self._skipping = _Oversized(msg_id, command, flags, size)
             return self._skip()
         if len(self._buffer) - at < size:
@@ -238,12 +240,7 @@ class Connection:
             request = Request(msg_id, command, flags, payload, fds=fds, fds_truncated=truncated)
         else:
             request = Request(msg_id, command, flags, payload)
-        if (
-            self.state is not State.READY
-            or request.fds
-            or request.fds_truncated
-            or command in _CHECKED_WHEN_READY
-        ):
+        if not self._ready or request.fds or request.fds_truncated or command in _CHECKED_WHEN_READY:
             request.violation = self._violation(request)
         self._read = at + size
         self._current = request
@@ -339,7 +336,7 @@ class Connection:
                 errno.ENOTSUP, f"client speaks vfio-user {major}.x, we speak {SUPPORTED_MAJOR}.x"
             )
         self.client_capabilities = self._client_capabilities(request.payload[4:])
-        self.state = State.READY
+        self.state, self._ready = State.READY, True
         self.write_multiple = bool(self._capability_sets()[0].get("write_multiple"))
         version = VERSION.pack(SUPPORTED_MAJOR, SUPPORTED_MINOR)
         room = HEADER_SIZE + 4 + len(request.payload[4:])  # the client's buffer is its request's size
@@ -378,7 +375,7 @@ class Connection:
     # teardown
     def close_after(self, reason: str) -> None:
         """End the session once the current request is answered: nothing more is handed out."""
-        self.state = State.CLOSING
+        self.state, self._ready = State.CLOSING, False
         self.closing_reason = reason
 
     def close(self) -> None:
