@@ -105,12 +105,16 @@ class ManagedDevice:
         return Owner(self.spec.name, self.spec.bdf, self.spec.tenant)
 
     def _hand_off(self, reason: HandOffReason, owner: Owner | None = None, detail: str = "") -> HandOffRecord:
-        record = self._daemon.handoff.run(self.device, owner or self.owner, reason, self.spec.reset, detail)
+        return self._daemon.handoff.run(
+            self.device, owner or self.owner, reason, self.spec.reset, detail, concluded=self._handed_off
+        )
+
+    def _handed_off(self, record: HandOffRecord) -> None:
+        """Before the hand-off's audit line: a reader of that line finds the metrics and state it implies."""
         self.metrics.handoff(record.ok)
         if record.ok:
             self._daemon.state.set_owner(self.spec.name, self.spec.tenant)
         self._publish_state()
-        return record
 
     def _publish_state(self) -> None:
         quarantined = self._daemon.state.quarantined(self.spec.name) is not None

@@ -144,10 +144,14 @@ class HandOff:
         reason: HandOffReason,
         reset: ResetMode | None = None,
         detail: str = "",
+        *,
+        concluded: Callable[[HandOffRecord], None] | None = None,
     ) -> HandOffRecord:
         """Every step; on a failure the device is blocked and quarantined.
 
         ``reset`` overrides the policy's reset mode for this device; ``detail`` goes after the reason.
+        ``concluded`` runs once the device is unblocked or quarantined and before the audit line
+        announces the result, so that whoever acts on that line finds the metrics and state it implies.
         """
         started = datetime.now(UTC)
         why = f"{reason} ({detail})" if detail else str(reason)
@@ -172,7 +176,7 @@ class HandOff:
             release_fabric = self._release_fabric
             record.steps.append(_timed("fabric", lambda: release_fabric(owner.name)))
         record.seconds = round(time.monotonic() - clock, 3)
-        self._conclude(device, owner, record, started)
+        self._conclude(device, owner, record, started, concluded)
         return record
 
     def _wipe(self, owner: Owner) -> str:
@@ -184,7 +188,14 @@ class HandOff:
             raise StepFailed(f"{argv[0]}: {result.summary}" + (f": {result.output}" if result.output else ""))
         return f"{argv[0]}: {result.summary}"
 
-    def _conclude(self, device: HandedOff, owner: Owner, record: HandOffRecord, started: datetime) -> None:
+    def _conclude(
+        self,
+        device: HandedOff,
+        owner: Owner,
+        record: HandOffRecord,
+        started: datetime,
+        concluded: Callable[[HandOffRecord], None] | None,
+    ) -> None:
         document = record.to_json()
         stamp = started.strftime("%Y%m%dT%H%M%S.%fZ")
         try:
@@ -195,14 +206,16 @@ class HandOff:
         failure = record.failure
         if failure is None:
             device.unblock()
-            audit_log.info("hand-off", ok=True, record=document, path=str(where) if where else None)
-            return
-        device.block(f"quarantined: {failure}")
-        try:
-            self.state.quarantine(owner.name, document)
-        except OSError as e:
-            audit_log.error("quarantine not recorded on disk", device=owner.name, why=str(e))
-        audit_log.error("hand-off", ok=False, record=document, path=str(where) if where else None)
+        else:
+            device.block(f"quarantined: {failure}")
+            try:
+                self.state.quarantine(owner.name, document)
+            except OSError as e:
+                audit_log.error("quarantine not recorded on disk", device=owner.name, why=str(e))
+        if concluded is not None:
+            concluded(record)
+        announce = audit_log.info if failure is None else audit_log.error
+        announce("hand-off", ok=failure is None, record=document, path=str(where) if where else None)
 
 
 class _Skip(Exception):

@@ -6,11 +6,12 @@ import dataclasses
 import json
 from pathlib import Path
 
+import pytest
 from structlog.testing import capture_logs
 
 from mediator.backends.base import BackendError
 from mediator.backends.profile import Behaviour
-from mediator.handoff import HandOff, HandOffReason, Owner
+from mediator.handoff import HandOff, HandOffReason, HandOffRecord, Owner
 from mediator.settings import HandoffSpec
 from mediator.state import StateStore
 from tests.support import StandIn, device, profile
@@ -71,6 +72,28 @@ def test_a_blank_rom_quarantines_the_device_and_stops_the_hand_off(tmp_path: Pat
     quarantined = state.quarantined("gpu0")
     assert quarantined is not None and quarantined["ok"] is False
     assert (tmp_path / "quarantine" / "gpu0.json").exists()
+
+
+@pytest.mark.parametrize(("rom", "ok"), [("image", True), ("blank", False)])
+def test_the_result_is_published_before_the_audit_line_announces_it(
+    tmp_path: Path, rom: str, ok: bool
+) -> None:
+    """An operator (or a test) acting on the audit line must find the metrics and quarantine it implies."""
+    dev, _ = device(dataclasses.replace(profile("h100-sxm5"), rom_contents=rom))
+    state = StateStore(tmp_path)
+    state.prepare()
+    seen: list[tuple[bool, str | None, bool, int]] = []
+    with capture_logs() as logs:
+
+        def concluded(record: HandOffRecord) -> None:
+            announced = sum(1 for e in logs if e["event"] == "hand-off")
+            seen.append((record.ok, dev.refusal, state.quarantined("gpu0") is not None, announced))
+
+        HandOff(HandoffSpec(), state).run(dev, OWNER, HandOffReason.CLIENT_GONE, concluded=concluded)
+    [(record_ok, refusal, quarantined, announced)] = seen
+    assert record_ok is ok and announced == 0
+    assert (refusal is None and not quarantined) if ok else (refusal is not None and quarantined)
+    assert [e for e in logs if e["event"] == "hand-off" and e["ok"] is ok]
 
 
 def test_the_rom_must_be_on_the_allow_list_when_there_is_one() -> None:
