@@ -216,7 +216,10 @@ class Machine:
         finally:
             listener.close()
         self.conn.settimeout(30)
-        self.file = self.conn.makefile("rw", buffering=1)
+        # Commands go out with sendall, not through this file: a write through a
+        # "rw" text file drops what it has read ahead, which lost an IRQ line that
+        # came in the same read as the OK before it.
+        self.reader = self.conn.makefile("r")
         self.irqs: list[tuple[str, int]] = []
         if behind_root_port:
             self._program_root_port()
@@ -240,7 +243,7 @@ class Machine:
     # qtest protocol
     def command(self, line: str) -> str:
         try:
-            self.file.write(line + "\n")
+            self.conn.sendall(f"{line}\n".encode())
             return self._answer(line)
         except OSError as e:
             self.process.wait(5)
@@ -248,7 +251,7 @@ class Machine:
 
     def _answer(self, line: str) -> str:
         while True:
-            reply = self.file.readline()
+            reply = self.reader.readline()
             if not reply:
                 raise RuntimeError(f"QEMU went away during {line!r}: {self.stderr()}")
             words = reply.split()
