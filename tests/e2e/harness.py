@@ -17,7 +17,6 @@ import socket
 import subprocess
 import tempfile
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -357,10 +356,3 @@ class Machine:
 
     def enable(self, command: int = 0x0006, bdf: tuple[int, int, int] | None = None) -> None:
         self.cfg_write(0x04, 2, command, bdf)
-
-    def wait_irq(self, line: int, timeout: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout
-        while ("raise", line) not in self.irqs:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no IRQ raise {line}; saw {self.irqs}")
-            self.command("clock_step 1000")

@@ -93,7 +93,7 @@ def test_an_msix_interrupt_from_the_device_lands_in_guest_memory(tmp_path: Path)
         machine.cfg_write(0xB2, 2, 0x8000)  # MSI-X enable
         assert dev.device.attached_eventfds >= 1
         machine.command(f"writel {BAR0 + DOORBELL:#x} 0")  # the device raises vector 0
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30  # a hang guard, not a latency bound
         while machine.read_memory(GUEST_BUFFER, 4) != (0x4D534958).to_bytes(4, "little"):
             assert time.monotonic() < deadline, "the MSI-X message never reached guest memory"
             machine.command("clock_step 1000")
@@ -141,7 +141,7 @@ def test_machine_reset_resets_the_device_and_its_virtual_registers(tmp_path: Pat
         machine.cfg_write(0x3C, 1, 0x42)
         assert machine.cfg_read(0x3C, 1) == 0x42
         machine.qmp("system_reset")
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30  # a hang guard, not a latency bound
         while dev.backend.resets == resets:
             assert time.monotonic() < deadline, "no DEVICE_RESET after system_reset"
             time.sleep(0.05)
