@@ -53,6 +53,7 @@ from mediator.unix_listener import SocketError, bind_unix, give_access
 from mediator.vfio_user.server import DeviceServer, Peer
 from mediator.virt.device import VirtualDevice
 from mediator.virt.plan import DevicePlan, PlanError
+from mediator.vms import VmId, Vms, vm_of
 
 log = structlog.get_logger("mediator.daemon")
 
@@ -98,6 +99,7 @@ class ManagedDevice:
         self._daemon = daemon
         self._lock = threading.Lock()  # admit, release and reload take turns
         self._admitted = False
+        self._vm: VmId | None = None  # the client VM holding the device while admitted
         self._pending: tuple[DeviceSpec, DevicePlan] | None = None  # a reload waiting for the client to go
 
     @property
@@ -152,7 +154,7 @@ class ManagedDevice:
     def allows(self, peer: Peer) -> bool:
         return self._daemon.settings.access_for(self.spec.name).admits(peer.uid, peer.gids)
 
-    def admit(self) -> tuple[VirtualDevice, str | None]:
+    def admit(self, peer: Peer) -> tuple[VirtualDevice, str | None]:
         with self._lock:
             reason = self._quarantine_reason()
             if reason is not None:
@@ -179,6 +181,13 @@ class ManagedDevice:
                     self._daemon.state.session_ended(self.spec.name)
                     return self.device, str(e)
             self._admitted = True
+            self._vm = vm_of(peer.pid)
+            self.metrics.set_client(peer.pid)
+            log.info(
+                "device joins its client's VM",
+                vm=str(self._vm),
+                devices=self._daemon.vms.join(self._vm, self.spec.name),
+            )
             return self.device, None
 
     def client_gone(self, requests: int) -> None:
@@ -186,6 +195,10 @@ class ManagedDevice:
             if not self._admitted:
                 return
             self._admitted = False
+            if self._vm is not None:
+                self._daemon.vms.leave(self._vm, self.spec.name)
+                self._vm = None
+                self.metrics.set_client(0)
             try:
                 self._after_client(requests)
             except Exception:  # fail closed: the next client is refused until a hand-off succeeds
@@ -237,6 +250,7 @@ class Daemon:
     failed: dict[str, str] = field(default_factory=dict)  # device -> why it cannot be served
     notifier: Notifier = field(default_factory=Notifier)
     metrics: Metrics = field(default_factory=Metrics)
+    vms: Vms = field(default_factory=Vms)  # which devices each client VM holds
 
     @classmethod
     def open(cls, settings: Settings, config: Path | None = None) -> Daemon:

@@ -29,6 +29,7 @@ DAEMON = {
     "commands",
     "preflight",
     "report",
+    "vms",
 }
 # Edges against the order that are allowed, each with its reason. None today.
 EXCEPTIONS: dict[tuple[str, str], str] = {}

@@ -38,6 +38,7 @@ class _DeviceFamilies:
     resets: Family[Counter]
     handoffs: Family[Counter]
     connected: Family[Gauge]
+    client_pid: Family[Gauge]
     refused: Family[Counter]
     blocked: Family[Gauge]
     state: Family[Gauge]
@@ -75,6 +76,11 @@ class _DeviceFamilies:
                 (*d, "result"),
             ),
             connected=registry.gauge(PREFIX + "clients_connected", "1 while a client is connected.", d),
+            client_pid=registry.gauge(
+                PREFIX + "client_pid",
+                "The pid of the client (VM) holding the device, 0 without one; one pid, one VM.",
+                d,
+            ),
             refused=registry.counter(
                 PREFIX + "clients_refused_total", "Clients refused, by reason.", (*d, "reason")
             ),
@@ -109,6 +115,7 @@ class DeviceMetrics:
             ok: families.handoffs.labels(device, "ok" if ok else "failed") for ok in (True, False)
         }
         self._connected = families.connected.labels(device)
+        self._client_pid = families.client_pid.labels(device)
         self._refused = {reason: families.refused.labels(device, reason) for reason in CLIENT_REFUSALS}
         self._blocked = families.blocked.labels(device)
         self._states = {state: families.state.labels(device, state) for state in DEVICE_STATES}
@@ -169,6 +176,10 @@ class DeviceMetrics:
     def client_refused(self, reason: ClientRefusal) -> None:
         with self._lock:
             self._refused[reason].inc()
+
+    def set_client(self, pid: int) -> None:
+        """The client VM that holds the device now (0: none)."""
+        self._client_pid.set(pid)
 
     def set_state(self, state: DeviceState) -> None:
         """Whether the device is served; ``device_blocked`` follows (1 unless serving)."""

@@ -44,7 +44,7 @@ class Lifecycle(Protocol):
         """Whether this peer (SO_PEERCRED) may use the device at all."""
         ...
 
-    def admit(self) -> tuple[DeviceModel, str | None]:
+    def admit(self, peer: Peer) -> tuple[DeviceModel, str | None]:
         """The device this client gets, and why it must be refused (every request gets EPERM) or None."""
         ...
 
@@ -193,7 +193,7 @@ class DeviceServer:
     def _run(self, client: socket.socket, number: int, peer: Peer) -> None:
         with structlog.contextvars.bound_contextvars(device=self.name, client=number):
             client.setblocking(True)
-            device, refusal = self.lifecycle.admit()
+            device, refusal = self.lifecycle.admit(peer)
             if refusal:
                 self.events.client_refused("blocked")
                 log.warning("client connected; it will be refused", pid=peer.pid, uid=peer.uid, why=refusal)
