@@ -4,8 +4,11 @@ QEMU connects once per device, so the connections of one client process
 are the devices of one VM, and those share what a VM shares (its IOMMU
 space, its peers' BARs). A VM is the client's pid together with that
 process's start time, so a pid the kernel hands to a later process is
-another VM. ``Vms`` is the registry; devices join and leave it from their
-session threads, hence the lock.
+another VM. Where /proc hides the client (the shipped units' ProtectProc=
+invisible hides other users' processes), the start time reads 0 and a VM
+is its pid alone; that only matters if a connection outlives its process
+long enough for the pid to be reused. ``Vms`` is the registry; devices join
+and leave it from their session threads, hence the lock.
 """
 
 from __future__ import annotations
