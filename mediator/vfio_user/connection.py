@@ -172,7 +172,6 @@ class Connection:
         self.limits = limits or Limits()
         self._max_message_size = self.limits.max_message_size  # read for every message
         self.state = State.AWAITING_VERSION
-        self._ready = False  # state is READY: one check on the hot path instead of two
         self.closing_reason: str | None = None
         self.write_multiple = False
         self.client_capabilities: dict[str, object] = {}
@@ -245,6 +244,15 @@ class Connection:
         self._read = at + size
         self._current = request
         return request
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @state.setter
+    def state(self, state: State) -> None:
+        self._state = state
+        self._ready = state is State.READY  # one check per message on the hot path instead of two
 
     @property
     def negotiated(self) -> bool:
@@ -336,7 +344,7 @@ class Connection:
                 errno.ENOTSUP, f"client speaks vfio-user {major}.x, we speak {SUPPORTED_MAJOR}.x"
             )
         self.client_capabilities = self._client_capabilities(request.payload[4:])
-        self.state, self._ready = State.READY, True
+        self.state = State.READY
         self.write_multiple = bool(self._capability_sets()[0].get("write_multiple"))
         version = VERSION.pack(SUPPORTED_MAJOR, SUPPORTED_MINOR)
         room = HEADER_SIZE + 4 + len(request.payload[4:])  # the client's buffer is its request's size
@@ -375,7 +383,7 @@ class Connection:
     # teardown
     def close_after(self, reason: str) -> None:
         """End the session once the current request is answered: nothing more is handed out."""
-        self.state, self._ready = State.CLOSING, False
+        self.state = State.CLOSING
         self.closing_reason = reason
 
     def close(self) -> None:
