@@ -98,8 +98,7 @@ class ManagedDevice:
         device.events = self.metrics
         self._daemon = daemon
         self._lock = threading.Lock()  # admit, release and reload take turns
-        self._admitted = False
-        self._vm: VmId | None = None  # the client VM holding the device while admitted
+        self._vm: VmId | None = None  # the client VM holding the device; None while no client is admitted
         self._pending: tuple[DeviceSpec, DevicePlan] | None = None  # a reload waiting for the client to go
 
     @property
@@ -180,7 +179,6 @@ class ManagedDevice:
                     audit_log.error("fabric partition refused", why=str(e))
                     self._daemon.state.session_ended(self.spec.name)
                     return self.device, str(e)
-            self._admitted = True
             self._vm = vm_of(peer.pid)
             self.metrics.set_client(peer.pid)
             log.info(
@@ -192,13 +190,11 @@ class ManagedDevice:
 
     def client_gone(self, requests: int) -> None:
         with self._lock:
-            if not self._admitted:
+            if self._vm is None:
                 return
-            self._admitted = False
-            if self._vm is not None:
-                self._daemon.vms.leave(self._vm, self.spec.name)
-                self._vm = None
-                self.metrics.set_client(0)
+            self._daemon.vms.leave(self._vm, self.spec.name)
+            self._vm = None
+            self.metrics.set_client(0)
             try:
                 self._after_client(requests)
             except Exception:  # fail closed: the next client is refused until a hand-off succeeds
@@ -217,7 +213,7 @@ class ManagedDevice:
     def reconfigure(self, spec: DeviceSpec, plan: DevicePlan) -> str:
         """Take a reloaded spec and plan, now when idle, else when the client goes."""
         with self._lock:
-            if self._admitted:
+            if self._vm is not None:
                 self._pending = (spec, plan)
                 return "for the next client"
             self._adopt(spec, plan)

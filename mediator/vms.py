@@ -22,7 +22,7 @@ from pathlib import Path
 _STARTTIME = 22 - 3
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class VmId:
     pid: int
     started: int  # clock ticks after boot; 0 when the process had gone before it could be read
@@ -59,8 +59,3 @@ class Vms:
             if not held:
                 self._devices.pop(vm, None)
             return tuple(sorted(held))
-
-    def holding(self) -> dict[VmId, tuple[str, ...]]:
-        """Every VM with a device, and its devices."""
-        with self._lock:
-            return {vm: tuple(sorted(held)) for vm, held in sorted(self._devices.items())}

@@ -35,9 +35,9 @@ def test_devices_join_and_leave_their_vm_and_an_empty_vm_is_forgotten() -> None:
     vms, a, b = Vms(), VmId(1, 10), VmId(2, 20)
     assert vms.join(a, "gpu1") == ("gpu1",)
     assert vms.join(a, "gpu0") == ("gpu0", "gpu1")
-    assert vms.join(b, "gpu2") == ("gpu2",)
-    assert vms.holding() == {a: ("gpu0", "gpu1"), b: ("gpu2",)}
+    assert vms.join(b, "gpu2") == ("gpu2",)  # another VM: its own devices only
     assert vms.leave(a, "gpu1") == ("gpu0",)
     assert vms.leave(a, "gpu0") == ()
     assert vms.leave(a, "gpu0") == ()  # twice is harmless
-    assert vms.holding() == {b: ("gpu2",)}
+    assert vms.join(a, "gpu0") == ("gpu0",)  # an emptied VM was forgotten: it starts again empty
+    assert vms.leave(b, "gpu2") == ()
