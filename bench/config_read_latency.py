@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -25,23 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-
-
-def build(tools: Path) -> tuple[Path, Path]:
-    binaries = []
-    for name in ("pingpong", "vfu-rtt"):
-        binary = tools / name
-        subprocess.run(["gcc", "-O2", "-o", str(binary), str(HERE / f"{name}.c")], check=True)
-        binaries.append(binary)
-    return binaries[0], binaries[1]
-
-
-def number(pattern: str, text: str) -> float:
-    found = re.search(pattern, text)
-    if not found:
-        raise SystemExit(f"unexpected output: {text!r}")
-    return float(found.group(1))
+from tools import build, number
 
 
 def main() -> int:
@@ -59,7 +42,7 @@ def main() -> int:
     pin = ["taskset", "-c", args.cpu]
     with tempfile.TemporaryDirectory(prefix="vfio-mediator-bench-") as scratch:
         tools = Path(scratch)
-        pingpong, client = build(tools)
+        pingpong, client = build(tools, "pingpong", "vfu-rtt")
         sock = tools / "device.sock"
         daemon = subprocess.Popen(
             [
@@ -85,7 +68,7 @@ def main() -> int:
                 raise SystemExit("the daemon did not create its socket")
             floors, p50s, p99s = [], [], []
             for round_number in range(1, args.rounds + 1):
-                floor = subprocess.run(
+                pingponged = subprocess.run(
                     [*pin, str(pingpong), str(args.requests)], capture_output=True, text=True, check=True
                 )
                 served = subprocess.run(
@@ -94,7 +77,7 @@ def main() -> int:
                     text=True,
                     check=True,
                 )
-                floors.append(number(r"mean_us=([\d.]+)", floor.stdout))
+                floors.append(number(r"mean_us=([\d.]+)", pingponged.stdout))
                 p50s.append(number(r"p50_us=([\d.]+)", served.stdout))
                 p99s.append(number(r"p99_us=([\d.]+)", served.stdout))
                 print(

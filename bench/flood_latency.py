@@ -23,7 +23,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import re
 import socket
 import statistics
 import struct
@@ -35,17 +34,12 @@ from multiprocessing.sharedctypes import Synchronized
 from multiprocessing.synchronize import Event as StopEvent
 from pathlib import Path
 
+from tools import build, number
+
 from mediator.vfio_user.wire import HEADER, HEADER_SIZE, Command
 
-HERE = Path(__file__).resolve().parent
 MIRROR = 0x88000
 IN_FLIGHT = 64
-
-
-def build(tools: Path) -> Path:
-    binary = tools / "vfu-rtt"
-    subprocess.run(["gcc", "-O2", "-o", str(binary), str(HERE / "vfu-rtt.c")], check=True)
-    return binary
 
 
 def receive_exactly(sock: socket.socket, size: int) -> bytes:
@@ -84,10 +78,7 @@ def p50(client: Path, sock: Path, requests: int) -> float:
     served = subprocess.run(
         [str(client), str(sock), str(requests), "7", "0", "4"], capture_output=True, text=True, check=True
     )
-    found = re.search(r"p50_us=([\d.]+)", served.stdout)
-    if not found:
-        raise SystemExit(f"unexpected output: {served.stdout!r}")
-    return float(found.group(1))
+    return number(r"p50_us=([\d.]+)", served.stdout)
 
 
 def flooded_p50(client: Path, folder: Path, requests: int) -> tuple[float, int]:
@@ -145,7 +136,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="vfio-mediator-bench-") as scratch:
         folder = Path(scratch)
-        client = build(folder)
+        [client] = build(folder, "vfu-rtt")
         daemon = start_daemon(folder, args.profile)
         ratios = []
         try:
