@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,8 +28,12 @@ REPORT = Path(__file__).parents[2] / ".cache" / "real-vfio-report.json"
 
 
 def cached_testbed() -> Path:
-    """Where scripts/testbed keeps QEMU and the guest: the guest's daemon runs that same QEMU."""
-    return Path(os.environ.get("VFIO_MEDIATOR_CACHE", Path.home() / ".cache" / "vfio-mediator")).resolve()
+    """Where scripts/testbed keeps QEMU and the guest: the guest's daemon runs that same QEMU.
+
+    Asked of the testbed itself (its QEMU wrapper is ``CACHE/qemu/qemu-system-x86_64``)
+    rather than worked out again from VFIO_MEDIATOR_CACHE and HOME.
+    """
+    return Path(qemu_binary()).resolve().parents[1]
 
 
 def paths_to_keep_under_tmp(paths: list[Path]) -> list[Path]:
