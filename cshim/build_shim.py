@@ -21,6 +21,7 @@ static const unsigned long VFIO_CHECK_EXTENSION;
 static const unsigned long VFIO_SET_IOMMU;
 static const unsigned long VFIO_GROUP_GET_STATUS;
 static const unsigned long VFIO_GROUP_SET_CONTAINER;
+static const unsigned long VFIO_GROUP_UNSET_CONTAINER;
 static const unsigned long VFIO_GROUP_GET_DEVICE_FD;
 static const unsigned long VFIO_DEVICE_GET_INFO;
 static const unsigned long VFIO_DEVICE_GET_REGION_INFO;

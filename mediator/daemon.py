@@ -36,6 +36,7 @@ from mediator.audit import audit_log
 from mediator.backends.base import Backend, BackendError
 from mediator.backends.profile import load_profile, resolve_profile
 from mediator.backends.sim import SimBackend
+from mediator.backends.space import IommuSpace
 from mediator.backends.sysfs import DeviceNotReady
 from mediator.backends.vfio import VfioBackend
 from mediator.errors import InputErrors
@@ -52,6 +53,7 @@ from mediator.tenancy import device_context
 from mediator.unix_listener import SocketError, bind_unix, give_access
 from mediator.vfio_user.server import DeviceServer, Peer
 from mediator.virt.device import VirtualDevice
+from mediator.virt.errors import DeviceError
 from mediator.virt.plan import DevicePlan, PlanError
 from mediator.vms import VmId, Vms, vm_of
 
@@ -82,7 +84,8 @@ def open_device(settings: Settings, spec: DeviceSpec) -> tuple[VirtualDevice, Qu
     table = quirk_table(spec)
     backend = open_backend(spec)
     try:
-        return VirtualDevice.open(backend, table, device_context(settings, spec)), table
+        context = device_context(settings, spec, backend.peer_dma)
+        return VirtualDevice.open(backend, table, context), table
     except BaseException:
         backend.close()
         raise
@@ -96,6 +99,7 @@ class ManagedDevice:
         self.metrics = daemon.metrics.device(spec.name)
         self.device = device
         device.events = self.metrics
+        device.name = spec.name
         self._daemon = daemon
         self._lock = threading.Lock()  # admit, release and reload take turns
         self._vm: VmId | None = None  # the client VM holding the device; None while no client is admitted
@@ -161,51 +165,78 @@ class ManagedDevice:
             # Released by an operator, or a protection failed: start again.
             if self.device.refusal and not self._hand_off(HandOffReason.BLOCKED).ok:
                 return self.device, self.device.refusal
-            # Recorded first: a daemon that dies with this client must hand the device off at its next start.
-            try:
-                self._daemon.state.session_started(self.spec.name, {"tenant": self.spec.tenant})
-            except OSError as e:
-                why = (
-                    f"the session cannot be recorded in the state directory ({e}): "
-                    "a restart could not recover the device"
-                )
-                log.error("client refused", why=why)
+            vm = vm_of(peer.pid)
+            space, devices = self._daemon.vms.join(vm, self.spec.name)
+            why = self._join(space) or self._start_session()
+            if why is not None:
+                self._leave(vm)
                 return self.device, why
-            fabric = self._daemon.fabric
-            if fabric is not None:
-                try:
-                    fabric.acquire(self.spec.name)
-                except FabricError as e:
-                    audit_log.error("fabric partition refused", why=str(e))
-                    self._daemon.state.session_ended(self.spec.name)
-                    return self.device, str(e)
-            self._vm = vm_of(peer.pid)
+            self._vm = vm
             self.metrics.set_client(peer.pid)
-            log.info(
-                "device joins its client's VM",
-                vm=str(self._vm),
-                devices=self._daemon.vms.join(self._vm, self.spec.name),
-            )
+            log.info("device joins its client's VM", vm=str(vm), devices=devices)
             return self.device, None
+
+    def _join(self, space: IommuSpace) -> str | None:
+        """Into the VM's IOMMU space; why not, if it cannot."""
+        try:
+            self.device.move_to(space)
+        except DeviceError as e:
+            why = f"the device cannot join its client's VM: {e}"
+            log.error("client refused", why=why)
+            return why
+        return None
+
+    def _start_session(self) -> str | None:
+        """The session recorded and the fabric partition active; why not, if either fails."""
+        # Recorded first: a daemon that dies with this client must hand the device off at its next start.
+        try:
+            self._daemon.state.session_started(self.spec.name, {"tenant": self.spec.tenant})
+        except OSError as e:
+            why = (
+                f"the session cannot be recorded in the state directory ({e}): "
+                "a restart could not recover the device"
+            )
+            log.error("client refused", why=why)
+            return why
+        fabric = self._daemon.fabric
+        if fabric is not None:
+            try:
+                fabric.acquire(self.spec.name)
+            except FabricError as e:
+                audit_log.error("fabric partition refused", why=str(e))
+                self._daemon.state.session_ended(self.spec.name)
+                return str(e)
+        return None
+
+    def _leave(self, vm: VmId) -> None:
+        """Back home from the VM's space, when no client came to use it; blocked if that fails."""
+        try:
+            self.device.move_to(self.device.backend.home)
+        except DeviceError as e:
+            self.device.block(f"the device cannot leave its client's VM: {e}")
+        finally:
+            self._daemon.vms.leave(vm, self.spec.name)
 
     def client_gone(self, requests: int) -> None:
         with self._lock:
-            if self._vm is None:
+            vm, self._vm = self._vm, None
+            if vm is None:
                 return
-            self._daemon.vms.leave(self._vm, self.spec.name)
-            self._vm = None
             self.metrics.set_client(0)
             try:
                 self._after_client(requests)
             except Exception:  # fail closed: the next client is refused until a hand-off succeeds
                 self.device.block("making the device ready after its last client failed; see the log")
                 raise
+            finally:
+                self._daemon.vms.leave(vm, self.spec.name)  # the device is out of the VM's space by now
 
     def _after_client(self, requests: int) -> None:
         fabric = self._daemon.fabric
         if requests or (fabric is not None and fabric.holds(self.spec.name)):
-            self._hand_off(HandOffReason.CLIENT_GONE)
-        # else it never spoke and holds no partition: the device is as it was.
+            self._hand_off(HandOffReason.CLIENT_GONE)  # its first step takes the device out of the VM
+        else:  # it never spoke and holds no partition: the device is as it was, once back home
+            self.device.move_to(self.device.backend.home)
         self._daemon.state.session_ended(self.spec.name)
         if self._pending is not None:
             self._adopt(*self._pending)
@@ -224,6 +255,7 @@ class ManagedDevice:
         self._pending = None
         self.spec = spec
         self.device = VirtualDevice(self.device.backend, plan, events=self.metrics)
+        self.device.name = spec.name
         self._hand_off(HandOffReason.CONFIG_RELOADED, previous)
 
 
@@ -269,7 +301,7 @@ class Daemon:
             else None
         )
         handoff = HandOff(settings.handoff, state, fabric.release if fabric else None)
-        daemon = cls(settings, state, handoff, fabric, config, metrics=metrics)
+        daemon = cls(settings, state, handoff, fabric, config, metrics=metrics, vms=Vms(metrics))
         left = state.left_sessions()
         for spec in settings.devices:
             with structlog.contextvars.bound_contextvars(device=spec.name):
@@ -420,7 +452,7 @@ class Daemon:
                     plan = VirtualDevice.plan_for(
                         managed.device.backend,
                         quirk_table(spec),
-                        device_context(settings, spec),
+                        device_context(settings, spec, managed.device.backend.peer_dma),
                         managed.device.plan.physical,
                     )
                 except OPEN_ERRORS as e:

@@ -181,10 +181,28 @@ def _group_finding(
     return Finding("ok", "iommu", f"group {group} is viable: {listed}")
 
 
+def _uses_iommufd(device: Path, dev: Path) -> bool:
+    """What the backend will pick (``backends.vfio``): the cdev with iommufd when both exist."""
+    cdevs = sorted(p.name for p in (device / "vfio-dev").glob("vfio*"))
+    return bool(cdevs) and (dev / "iommu").exists() and (dev / "vfio/devices" / cdevs[0]).exists()
+
+
+def _peer_dma(device: Path, dev: Path) -> Finding:
+    if _uses_iommufd(device, dev):
+        return Finding(
+            "warning",
+            "p2p",
+            "iommufd cannot map another device's BAR without dma-buf support, which the daemon lacks: "
+            "peer-to-peer DMA between a VM's devices faults and GPUDirect cliques are withheld",
+            "where P2P matters, serve the devices through the group API (a kernel without the VFIO cdev)",
+        )
+    return Finding("ok", "p2p", "type1 maps a peer's BAR for peer-to-peer DMA between a VM's devices")
+
+
 def _vfio_api(device: Path, group: int | None, dev: Path) -> Finding:
     cdevs = sorted(p.name for p in (device / "vfio-dev").glob("vfio*"))
     iommufd = dev / "iommu"
-    if cdevs and iommufd.exists() and (dev / "vfio/devices" / cdevs[0]).exists():
+    if _uses_iommufd(device, dev):
         return Finding(
             "ok", "vfio-api", f"{dev / 'vfio/devices' / cdevs[0]} and {iommufd}: the daemon uses iommufd"
         )
@@ -426,6 +444,7 @@ def doctor(
         else _not_vfio(address, device, driver, root),
         _group_finding(address, group, members, root),
         _vfio_api(device, group, dev),
+        _peer_dma(device, dev),
         _reset(device, chains),
         _rom(device, identity),
         _ats(chains),

@@ -4,18 +4,20 @@ Region indexes follow vfio-pci: 0-5 are BAR0-5, 6 the expansion ROM, 7 the
 config space. Sizes are the *real* sizes; rounding to what a guest can take
 is the virtual device's business. Interrupts follow VFIO_DEVICE_SET_IRQS
 (index, action, data), so the real backend hands them to the kernel as they
-are. DMA goes through a ``DmaTable`` the virtual device owns: the backend is
-told of every mapping (the real one programs the IOMMU) and the simulator
-reads and writes guest memory through the table.
+are. DMA goes through an IOMMU space (``backends.space``): each backend opens
+in a home space of its own with nothing mapped and is moved into its
+client's VM space and back (``enter``); the real one's space programs the
+IOMMU, the simulator reads and writes guest memory through the space.
 """
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, get_args
 
-from mediator.backends.dma import DmaMapping, DmaTable
+from mediator.backends.space import IommuSpace
 
 # mmap: a client maps BAR pages outside trap windows through the VFIO device fd; trap: no fd leaves.
 BarAccess = Literal["mmap", "trap"]
@@ -55,6 +57,8 @@ class Backend(Protocol):
     description: str
     config_size: int
     can_reset: bool  # the device has a reset method (FLR, PM, bus reset)
+    home: IommuSpace  # where the device's DMA goes while no client holds it: nowhere
+    peer_dma: str | None  # why peers' DMA to its BARs cannot be mapped; None when it can
 
     def read_config(self, offset: int, length: int) -> bytes: ...
 
@@ -70,6 +74,10 @@ class Backend(Protocol):
 
     def read_region(self, index: int, offset: int, length: int) -> bytes: ...
 
+    def bar_memory(self, index: int, offset: int, size: int) -> mmap.mmap:
+        """The daemon's own mapping of part of a BAR (page-aligned), as a peer's DMA target."""
+        ...
+
     def write_region(self, index: int, offset: int, data: bytes) -> None: ...
 
     def irq_info(self, index: int) -> IrqInfo: ...
@@ -78,11 +86,12 @@ class Backend(Protocol):
         """VFIO_DEVICE_SET_IRQS, already validated; ``data`` holds fds (-1: none) or bools."""
         ...
 
-    def attach_dma(self, table: DmaTable) -> None: ...
+    def enter(self, space: IommuSpace) -> bool:
+        """The device's DMA goes through ``space`` from now on (its home or a VM's).
 
-    def dma_map(self, mapping: DmaMapping) -> None: ...
-
-    def dma_unmap(self, mapping: DmaMapping) -> None: ...
+        True when the move reset the device (a type1 group moves only with the device closed).
+        """
+        ...
 
     def reset(self) -> None:
         """A function reset: FLR, PM or whatever VFIO_DEVICE_RESET picks."""

@@ -1,10 +1,15 @@
-"""Guest memory as the device sees it: the IOVA map a client builds with DMA_MAP.
+"""Guest memory as the device sees it: IOVA ranges, and the rules for building them.
 
 Each mapping is an IOVA range, its permissions, and, when the client sent a
-file descriptor, the mmap of that fd (guest RAM in shared memory). Mappings
-without an fd (ROMs, the guest's view of BARs, RAM that is not shared) are
-recorded as *unbacked*: they exist for the bookkeeping the protocol requires
-but DMA into them fails.
+file descriptor, the mmap of that fd (guest RAM in shared memory) and what
+it maps (the file's device, inode and offset: two connections that send the
+same RAM send different fds). Mappings without an fd (ROMs, the guest's view
+of BARs, RAM that is not shared) are recorded as *unbacked*: they exist for
+the bookkeeping the protocol requires but DMA into them fails.
+
+A ``DmaTable`` is a sorted set of such mappings: a connection's own (what its
+unmaps are checked against), and an IOMMU space's (``backends.space``: one
+mapping of each identity, the one that carries it).
 
 Rules, as VFIO type1 and the vfio-user specification have them: a new map
 may not overlap an existing one (EEXIST); an unmap removes the mappings that
@@ -18,7 +23,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 
 from mediator.vfio_abi import DMA_READ, DMA_WRITE
@@ -32,12 +37,17 @@ class DmaError(Exception):
         self.errno = errno_value
 
 
+# What a backed mapping maps: (st_dev, st_ino, file offset) of the client's fd.
+MemorySource = tuple[int, int, int]
+
+
 @dataclass(eq=False)
 class DmaMapping:
     iova: int
     size: int
     flags: int  # DMA_READ | DMA_WRITE, what the device may do
     memory: mmap.mmap | None = field(default=None, repr=False)
+    source: MemorySource | None = None
 
     @property
     def end(self) -> int:
@@ -51,7 +61,7 @@ class DmaMapping:
 class DmaTable:
     """IOVA -> host memory, sorted by IOVA."""
 
-    def __init__(self, max_mappings: int = 65535) -> None:
+    def __init__(self, max_mappings: int | None = 65535) -> None:
         self.max_mappings = max_mappings
         self._mappings: list[DmaMapping] = []
         self._starts: list[int] = []
@@ -66,43 +76,38 @@ class DmaTable:
     def backed_bytes(self) -> int:
         return sum(m.size for m in self._mappings if m.backed)
 
-    def map(self, iova: int, size: int, flags: int, fd: int | None, offset: int) -> DmaMapping:
-        """Record a mapping; with ``fd``, mmap ``size`` bytes of it at ``offset``.
-
-        The caller keeps ownership of ``fd`` (the mapping keeps the memory alive).
-        """
-        if size <= 0 or iova < 0 or iova + size > IOVA_LIMIT:
-            raise DmaError(errno.EINVAL, f"bad DMA range {iova:#x}+{size:#x}")
-        if flags & ~(DMA_READ | DMA_WRITE) or not flags & DMA_READ:
-            raise DmaError(errno.EINVAL, f"unsupported DMA_MAP flags {flags:#x}")
-        if len(self._mappings) >= self.max_mappings:
-            raise DmaError(errno.ENOSPC, f"already {self.max_mappings} DMA mappings")
+    def conflict(self, iova: int, size: int) -> DmaMapping | None:
+        """A mapping that overlaps ``[iova, iova+size)``, if any."""
         i = bisect_right(self._starts, iova)
-        neighbours = self._mappings[max(0, i - 1) : i + 1]
-        for other in neighbours:
+        for other in self._mappings[max(0, i - 1) : i + 1]:
             if other.iova < iova + size and iova < other.end:
-                raise DmaError(
-                    errno.EEXIST, f"DMA range {iova:#x}+{size:#x} overlaps {other.iova:#x}+{other.size:#x}"
-                )
-        memory = None
-        if fd is not None:
-            memory = self._mmap(fd, size, offset, flags)
-        mapping = DmaMapping(iova, size, flags, memory)
-        self._mappings.insert(i, mapping)
-        self._starts.insert(i, iova)
-        return mapping
+                return other
+        return None
 
-    @staticmethod
-    def _mmap(fd: int, size: int, offset: int, flags: int) -> mmap.mmap:
-        if offset < 0 or offset % mmap.ALLOCATIONGRANULARITY:
-            raise DmaError(errno.EINVAL, f"DMA_MAP offset {offset:#x} is not page-aligned")
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if flags & DMA_WRITE else 0)
-        try:
-            if os.fstat(fd).st_size < offset + size:
-                raise DmaError(errno.EINVAL, f"DMA_MAP of {size:#x} bytes at {offset:#x} runs past the file")
-            return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot, offset=offset)
-        except OSError as e:
-            raise DmaError(e.errno or errno.EINVAL, f"cannot mmap the DMA fd: {e.strerror}") from None
+    def check(self, iova: int, size: int, flags: int) -> None:
+        """Refuse what ``insert`` would refuse, before anything is mmapped or pinned."""
+        check_request(iova, size, flags)
+        if self.max_mappings is not None and len(self._mappings) >= self.max_mappings:
+            raise DmaError(errno.ENOSPC, f"already {self.max_mappings} DMA mappings")
+        other = self.conflict(iova, size)
+        if other is not None:
+            raise DmaError(
+                errno.EEXIST, f"DMA range {iova:#x}+{size:#x} overlaps {other.iova:#x}+{other.size:#x}"
+            )
+
+    def prepare(self, iova: int, size: int, flags: int, fd: int | None, offset: int) -> DmaMapping:
+        """A mapping ``insert`` will take, with its own mmap of ``fd`` (which stays the caller's)."""
+        self.check(iova, size, flags)
+        if fd is None:
+            return DmaMapping(iova, size, flags)
+        source = source_of(fd, offset)
+        return DmaMapping(iova, size, flags, map_memory(fd, size, offset, flags), source)
+
+    def insert(self, mapping: DmaMapping) -> None:
+        self.check(mapping.iova, mapping.size, mapping.flags)
+        i = bisect_right(self._starts, mapping.iova)
+        self._mappings.insert(i, mapping)
+        self._starts.insert(i, mapping.iova)
 
     def unmap(self, iova: int, size: int) -> list[DmaMapping]:
         """Remove and return the mappings inside ``[iova, iova+size)``; the caller releases them."""
@@ -113,15 +118,23 @@ class DmaTable:
                 raise DmaError(errno.EINVAL, f"unmap {iova:#x}+{size:#x} would split {m.iova:#x}+{m.size:#x}")
         if not inside:
             raise DmaError(errno.ENOENT, f"nothing mapped in {iova:#x}+{size:#x}")
-        self._remove(inside)
+        self.remove(inside)
         return inside
 
     def unmap_all(self) -> list[DmaMapping]:
         removed = list(self._mappings)
-        self._remove(removed)
+        self.remove(removed)
         return removed
 
-    def _remove(self, mappings: list[DmaMapping]) -> None:
+    def replace(self, old: DmaMapping, new: DmaMapping) -> None:
+        """Put ``new`` where ``old`` is: the same range, so the order holds."""
+        i = bisect_left(self._starts, old.iova)
+        same_place = i < len(self._mappings) and self._mappings[i] is old
+        if not same_place or (new.iova, new.size) != (old.iova, old.size):
+            raise ValueError(f"{new} cannot replace {old}")
+        self._mappings[i] = new
+
+    def remove(self, mappings: list[DmaMapping]) -> None:
         gone = set(map(id, mappings))
         self._mappings = [m for m in self._mappings if id(m) not in gone]
         self._starts = [m.iova for m in self._mappings]
@@ -148,6 +161,35 @@ class DmaTable:
         mapping, at = self._find(iova, len(data), DMA_WRITE)
         assert mapping.memory is not None
         mapping.memory[at : at + len(data)] = data
+
+
+def check_request(iova: int, size: int, flags: int) -> None:
+    if size <= 0 or iova < 0 or iova + size > IOVA_LIMIT:
+        raise DmaError(errno.EINVAL, f"bad DMA range {iova:#x}+{size:#x}")
+    if flags & ~(DMA_READ | DMA_WRITE) or not flags & DMA_READ:
+        raise DmaError(errno.EINVAL, f"unsupported DMA_MAP flags {flags:#x}")
+
+
+def source_of(fd: int, offset: int) -> MemorySource:
+    """What an fd maps at ``offset``: equal for two fds of the same memory."""
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        raise DmaError(e.errno or errno.EBADF, f"cannot stat the DMA fd: {e.strerror}") from None
+    return st.st_dev, st.st_ino, offset
+
+
+def map_memory(fd: int, size: int, offset: int, flags: int) -> mmap.mmap:
+    """The daemon's own mmap of client memory; the caller keeps ``fd``."""
+    if offset < 0 or offset % mmap.ALLOCATIONGRANULARITY:
+        raise DmaError(errno.EINVAL, f"DMA_MAP offset {offset:#x} is not page-aligned")
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if flags & DMA_WRITE else 0)
+    try:
+        if os.fstat(fd).st_size < offset + size:
+            raise DmaError(errno.EINVAL, f"DMA_MAP of {size:#x} bytes at {offset:#x} runs past the file")
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot, offset=offset)
+    except OSError as e:
+        raise DmaError(e.errno or errno.EINVAL, f"cannot mmap the DMA fd: {e.strerror}") from None
 
 
 def release(mappings: list[DmaMapping]) -> None:

@@ -20,8 +20,8 @@ simulator never offers them for mmap, so every access reaches it):
 - ``dma-engine``: QEMU ``edu``-style registers (+0 source, +8 destination,
   +0x10 count, +0x18 command: bit 0 start, bit 1 BAR-to-guest, bit 2 raise
   vector 0 when done); a start copies between the BAR and guest memory at
-  once, through the client's DMA mappings, and clears the start bit (bit 8
-  reports a fault).
+  once, through the IOMMU space the device is in, and clears the start bit
+  (bit 8 reports a fault).
 
 Interrupts follow VFIO_DEVICE_SET_IRQS as vfio-pci implements them: eventfd
 triggers per vector, INTx automasked until unmasked, mask and unmask with a
@@ -37,8 +37,9 @@ from collections import deque
 from collections.abc import Sequence
 
 from mediator.backends.base import BackendError, IrqInfo, RegionInfo
-from mediator.backends.dma import DmaError, DmaMapping, DmaTable
+from mediator.backends.dma import DmaError, DmaMapping
 from mediator.backends.profile import Behaviour, Profile
+from mediator.backends.space import IommuSpace
 from mediator.pci.bars import BarType
 from mediator.pci.registers import Identity
 from mediator.pci.rom import build_rom
@@ -85,6 +86,19 @@ class SimulatedFault(BackendError):
     """A failure the profile's ``[faults]`` asked for."""
 
 
+class _FailingIommu:
+    """An IOMMU that refuses every map, for ``dma_map_fails``."""
+
+    def map(self, mapping: DmaMapping) -> None:
+        raise SimulatedFault("DMA map: Input/output error (injected)")
+
+    def unmap(self, mapping: DmaMapping) -> None:
+        """Nothing was mapped."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
 class SimBackend:
     def __init__(self, profile: Profile) -> None:
         self.profile = profile
@@ -106,7 +120,11 @@ class SimBackend:
         }
         self._irqs = {index: [_IrqLine() for _ in range(counts[index])] for index in range(IRQ_COUNT)}
         self._resample_fd: int | None = None
-        self._dma: DmaTable | None = None
+        self.home = IommuSpace(
+            f"{profile.name}'s home", _FailingIommu() if profile.faults.dma_map_fails else None
+        )
+        self.space = self.home
+        self.peer_dma: str | None = None
 
     # config space
     def _check_config(self, offset: int, length: int) -> None:
@@ -180,6 +198,9 @@ class SimBackend:
             return None
         return self._region(index)[0], 0
 
+    def bar_memory(self, index: int, offset: int, size: int) -> mmap.mmap:
+        return mmap.mmap(self._region(index)[0], size, offset=offset)
+
     def _check_region(self, index: int, offset: int, length: int) -> None:
         size = self._size(index)
         if offset < 0 or length <= 0 or offset + length > size:
@@ -242,10 +263,10 @@ class SimBackend:
                 raise DmaError(0, "transfer too long")
             if command & DMA_TO_GUEST:
                 self._check_region(index, source, count)
-                self._dma_table().write(destination, memory[source : source + count])
+                self.space.write(destination, memory[source : source + count])
             else:
                 self._check_region(index, destination, count)
-                memory[destination : destination + count] = self._dma_table().read(source, count)
+                memory[destination : destination + count] = self.space.read(source, count)
         except (DmaError, BackendError):
             command |= DMA_FAULT
         memory[base + 0x18 : base + 0x20] = command.to_bytes(8, "little")
@@ -319,21 +340,11 @@ class SimBackend:
                 return
 
     # DMA
-    def attach_dma(self, table: DmaTable) -> None:
-        self._dma = table
-
-    def _dma_table(self) -> DmaTable:
-        if self._dma is None:
-            raise DmaError(0, "no client memory is mapped")
-        return self._dma
-
-    def dma_map(self, mapping: DmaMapping) -> None:
-        """The simulator reaches guest memory through the table; nothing to program."""
-        if self.profile.faults.dma_map_fails:
-            raise SimulatedFault("DMA map: Input/output error (injected)")
-
-    def dma_unmap(self, mapping: DmaMapping) -> None:
-        """See ``dma_map``."""
+    def enter(self, space: IommuSpace) -> bool:
+        if self.profile.faults.dma_map_fails and space.iommu is None:
+            space.iommu = _FailingIommu()  # the space's IOMMU is full: no device of it maps anything
+        self.space = space
+        return False
 
     def bus_reset_obstacle(self) -> str | None:
         return None if "bus" in self.profile.resets else "the profile has no bus reset"

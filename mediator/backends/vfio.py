@@ -11,8 +11,10 @@ the device fd at the kernel's region offsets (the kernel's own config
 virtualization sits below ours). A client that may mmap BARs gets that same
 device fd with the kernel's region offset and its sparse areas; with
 ``bar_access="trap"`` no fd leaves the daemon and every BAR access is a
-message. Interrupt eventfds go straight to VFIO_DEVICE_SET_IRQS; the client's
-DMA memory is mmapped (by the DMA table) and mapped into the IOMMU.
+message. Interrupt eventfds go straight to VFIO_DEVICE_SET_IRQS. DMA goes
+through the IOMMU space the device is in (``backends.space``): its home, a
+container or IOAS of its own with nothing mapped, or its VM's, whose
+container or IOAS the first device to enter it creates.
 
 Errors are ``VfioError``: the operation, the device, the errno, and what to
 change (permissions, RLIMIT_MEMLOCK, a device busy elsewhere, a kernel
@@ -22,6 +24,7 @@ without the ioctl).
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +34,8 @@ from typing import Any
 from mediator._vfio_shim import ffi, lib
 from mediator.backends import advice
 from mediator.backends.base import BackendError, BarAccess, IrqInfo, RegionInfo
-from mediator.backends.dma import DmaMapping, DmaTable
+from mediator.backends.dma import DmaMapping
+from mediator.backends.space import IommuSpace
 from mediator.backends.sysfs import PciFunction, find_function, group_blockers
 from mediator.pci.address import format_bdf
 from mediator.vfio_abi import (
@@ -78,17 +82,218 @@ class KernelRegion:
     mappable: tuple[tuple[int, int], ...]
 
 
+def _open_node(who: str, path: Path, purpose: str) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise VfioError(
+            who, f"opening {path} ({purpose})", errno.ENOENT, "Is the vfio-pci module loaded?"
+        ) from None
+    except PermissionError:
+        raise VfioError(
+            who,
+            f"opening {path} ({purpose})",
+            errno.EACCES,
+            f"Let the daemon's user open {path}: run it as root, or add a udev rule such as "
+            f'{_udev_match(path)}, GROUP="kvm", MODE="0660" and run it in that group',
+        ) from None
+    except OSError as e:
+        raise VfioError(
+            who, f"opening {path} ({purpose})", e.errno or errno.EIO, advice.for_errno(e.errno or 0, "")
+        ) from None
+
+
+def _checked(who: str, result: int, operation: str, fix: str | None = None) -> int:
+    """A shim call's result (-errno on failure) as a value, or the ``VfioError`` it stands for."""
+    if result < 0:
+        raise VfioError(who, operation, -result, advice.for_errno(-result, operation) if fix is None else fix)
+    return result
+
+
+def _ioctl(who: str, fd: int, request: int, arg: Any, operation: str) -> int:
+    return _checked(who, int(lib.shim_ioctl(fd, request, arg)), operation)
+
+
+def _ioctl_value(who: str, fd: int, request: int, value: int, operation: str) -> int:
+    return _checked(who, int(lib.shim_ioctl_value(fd, request, value)), operation)
+
+
+def _pin(who: str, fd: int, request_code: int, request: Any, operation: str, *, size: int) -> None:
+    result = int(lib.shim_ioctl(fd, request_code, request))
+    _checked(who, result, operation, advice.memlock(size) if result == -errno.ENOMEM else None)
+
+
+def _vaddr(mapping: DmaMapping) -> int:
+    assert mapping.memory is not None
+    return int(ffi.cast("uintptr_t", ffi.from_buffer(mapping.memory)))
+
+
+class Type1Container:
+    """A type1v2 container: one IOMMU context for every group set into it (a space's ``Iommu``).
+
+    The kernel drops a container's IOMMU when its last group leaves, so the
+    first group of each generation sets it again.
+    """
+
+    def __init__(self, who: str, dev: Path = DEV_VFIO) -> None:
+        self.who = who
+        self.fd = _open_node(who, dev / "vfio", "the VFIO container")
+        self.groups = 0
+        try:
+            version = _ioctl_value(who, self.fd, lib.VFIO_GET_API_VERSION, 0, "VFIO_GET_API_VERSION")
+            if version != lib.VFIO_API_VERSION:
+                raise VfioError(
+                    who, "VFIO_GET_API_VERSION", errno.EPROTO, f"unknown VFIO API version {version}"
+                )
+            if not _ioctl_value(
+                who, self.fd, lib.VFIO_CHECK_EXTENSION, lib.VFIO_TYPE1v2_IOMMU, "VFIO_CHECK_EXTENSION"
+            ):
+                raise VfioError(
+                    who,
+                    "VFIO_CHECK_EXTENSION(TYPE1v2)",
+                    errno.ENOTSUP,
+                    "the kernel lacks the type1v2 IOMMU backend",
+                )
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def add(self, group: int) -> None:
+        _ioctl(
+            self.who,
+            group,
+            lib.VFIO_GROUP_SET_CONTAINER,
+            ffi.new("int *", self.fd),
+            "VFIO_GROUP_SET_CONTAINER",
+        )
+        if not self.groups:
+            try:
+                _ioctl_value(
+                    self.who, self.fd, lib.VFIO_SET_IOMMU, lib.VFIO_TYPE1v2_IOMMU, "VFIO_SET_IOMMU(TYPE1v2)"
+                )
+            except BaseException:
+                lib.shim_ioctl_value(group, lib.VFIO_GROUP_UNSET_CONTAINER, 0)
+                raise
+        self.groups += 1
+
+    def remove(self, group: int) -> None:
+        """Take a group out; the kernel refuses (EBUSY) while any fd of one of its devices is open."""
+        _ioctl_value(self.who, group, lib.VFIO_GROUP_UNSET_CONTAINER, 0, "VFIO_GROUP_UNSET_CONTAINER")
+        self.groups -= 1
+
+    def map(self, mapping: DmaMapping) -> None:
+        flags = lib.VFIO_DMA_MAP_FLAG_READ | (lib.VFIO_DMA_MAP_FLAG_WRITE if mapping.flags & DMA_WRITE else 0)
+        request = ffi.new(
+            "struct vfio_iommu_type1_dma_map *",
+            {
+                "argsz": ffi.sizeof("struct vfio_iommu_type1_dma_map"),
+                "flags": flags,
+                "vaddr": _vaddr(mapping),
+                "iova": mapping.iova,
+                "size": mapping.size,
+            },
+        )
+        _pin(self.who, self.fd, lib.VFIO_IOMMU_MAP_DMA, request, "VFIO_IOMMU_MAP_DMA", size=mapping.size)
+
+    def unmap(self, mapping: DmaMapping) -> None:
+        request = ffi.new(
+            "struct vfio_iommu_type1_dma_unmap *",
+            {
+                "argsz": ffi.sizeof("struct vfio_iommu_type1_dma_unmap"),
+                "iova": mapping.iova,
+                "size": mapping.size,
+            },
+        )
+        _ioctl(self.who, self.fd, lib.VFIO_IOMMU_UNMAP_DMA, request, "VFIO_IOMMU_UNMAP_DMA")
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class Ioas:
+    """An iommufd IO address space (a space's ``Iommu``), in the daemon's one iommufd context.
+
+    A device binds to one iommufd for the life of its fd and can only move
+    between the IOAS objects of that context, so the process keeps a single
+    context, opened by the first device that needs it and never closed.
+    """
+
+    _context: int | None = None
+
+    def __init__(self, who: str) -> None:
+        self.who = who
+        self.fd = Ioas.context(who)
+        alloc = ffi.new("struct iommu_ioas_alloc *", {"size": ffi.sizeof("struct iommu_ioas_alloc")})
+        _ioctl(who, self.fd, lib.IOMMU_IOAS_ALLOC, alloc, "IOMMU_IOAS_ALLOC")
+        self.id = int(alloc.out_ioas_id)
+
+    @classmethod
+    def context(cls, who: str) -> int:
+        if cls._context is None:
+            cls._context = _open_node(who, DEV_IOMMU, "iommufd")
+        return cls._context
+
+    def map(self, mapping: DmaMapping) -> None:
+        flags = lib.IOMMU_IOAS_MAP_FIXED_IOVA | lib.IOMMU_IOAS_MAP_READABLE
+        flags |= lib.IOMMU_IOAS_MAP_WRITEABLE if mapping.flags & DMA_WRITE else 0
+        request = ffi.new(
+            "struct iommu_ioas_map *",
+            {
+                "size": ffi.sizeof("struct iommu_ioas_map"),
+                "flags": flags,
+                "ioas_id": self.id,
+                "user_va": _vaddr(mapping),
+                "length": mapping.size,
+                "iova": mapping.iova,
+            },
+        )
+        _pin(self.who, self.fd, lib.IOMMU_IOAS_MAP, request, "IOMMU_IOAS_MAP", size=mapping.size)
+
+    def unmap(self, mapping: DmaMapping) -> None:
+        request = ffi.new(
+            "struct iommu_ioas_unmap *",
+            {
+                "size": ffi.sizeof("struct iommu_ioas_unmap"),
+                "ioas_id": self.id,
+                "iova": mapping.iova,
+                "length": mapping.size,
+            },
+        )
+        _ioctl(self.who, self.fd, lib.IOMMU_IOAS_UNMAP, request, "IOMMU_IOAS_UNMAP")
+
+    def close(self) -> None:
+        destroy = ffi.new(
+            "struct iommu_destroy *", {"size": ffi.sizeof("struct iommu_destroy"), "id": self.id}
+        )
+        _ioctl(self.who, self.fd, lib.IOMMU_DESTROY, destroy, "IOMMU_DESTROY")
+
+
+_MIXED_APIS = "the VM's devices must all use the same VFIO API (all iommufd, or all type1 groups)"
+_HELD_ELSEWHERE = (
+    'another process still holds the device fd: a previous client (bar_access = "mmap" gives '
+    "the client the device fd), or a process it passed the fd to; stop it, then run "
+    "`vfio-mediator release` for the device"
+)
+
+
 class VfioDevice:
-    """An open VFIO device fd and the IOMMU context that goes with it."""
+    """An open VFIO device fd and the IOMMU context it is in (its home's, or a VM's).
+
+    Moving a device between contexts: iommufd re-attaches it (the kernel
+    replaces the IOAS while the fd stays open); type1 can take a group out of
+    its container only while no fd of its devices is open, so the device fd
+    is closed, the group moved and the fd opened again, which vfio-pci takes
+    as a close and an open of the device (it resets the function).
+    """
 
     def __init__(self, function: PciFunction, *, prefer_cdev: bool = True, dev: Path = DEV_VFIO) -> None:
         self.function = function
         self.name = function.bdf
-        self._fds: list[int] = []
-        self._container: int | None = None
+        self._dev = dev
+        self.fd = -1
         self._group: int | None = None
-        self._iommufd: int | None = None
-        self._ioas = 0
+        self.home: Type1Container | Ioas | None = None
+        self.iommu: Type1Container | Ioas | None = None
         try:
             if prefer_cdev and function.vfio_cdev and DEV_IOMMU.exists():
                 self.fd = self._open_cdev(dev / "devices" / function.vfio_cdev)
@@ -102,66 +307,13 @@ class VfioDevice:
             raise
 
     # opening
-    def _open(self, path: Path, purpose: str) -> int:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise VfioError(
-                self.name, f"opening {path} ({purpose})", errno.ENOENT, "Is the vfio-pci module loaded?"
-            ) from None
-        except PermissionError:
-            raise VfioError(
-                self.name,
-                f"opening {path} ({purpose})",
-                errno.EACCES,
-                f"Let the daemon's user open {path}: run it as root, or add a udev rule such as "
-                f'{_udev_match(path)}, GROUP="kvm", MODE="0660" and run it in that group',
-            ) from None
-        except OSError as e:
-            raise VfioError(
-                self.name,
-                f"opening {path} ({purpose})",
-                e.errno or errno.EIO,
-                advice.for_errno(e.errno or 0, ""),
-            ) from None
-        self._fds.append(fd)
-        return fd
-
-    def _checked(self, result: int, operation: str, fix: str | None = None) -> int:
-        """A shim call's result (-errno on failure) as a value, or the ``VfioError`` it stands for."""
-        if result < 0:
-            raise VfioError(
-                self.name, operation, -result, advice.for_errno(-result, operation) if fix is None else fix
-            )
-        return result
-
-    def _ioctl(self, fd: int, request: int, arg: Any, operation: str) -> int:
-        return self._checked(int(lib.shim_ioctl(fd, request, arg)), operation)
-
-    def _ioctl_value(self, fd: int, request: int, value: int, operation: str) -> int:
-        return self._checked(int(lib.shim_ioctl_value(fd, request, value)), operation)
-
     def _open_group(self, dev: Path) -> int:
         function = self.function
-        container = self._container = self._open(dev / "vfio", "the VFIO container")
-        version = self._ioctl_value(container, lib.VFIO_GET_API_VERSION, 0, "VFIO_GET_API_VERSION")
-        if version != lib.VFIO_API_VERSION:
-            raise VfioError(
-                self.name, "VFIO_GET_API_VERSION", errno.EPROTO, f"unknown VFIO API version {version}"
-            )
-        if not self._ioctl_value(
-            container, lib.VFIO_CHECK_EXTENSION, lib.VFIO_TYPE1v2_IOMMU, "VFIO_CHECK_EXTENSION"
-        ):
-            raise VfioError(
-                self.name,
-                "VFIO_CHECK_EXTENSION(TYPE1v2)",
-                errno.ENOTSUP,
-                "the kernel lacks the type1v2 IOMMU backend",
-            )
+        self.home = Type1Container(self.name, dev)
         group_path = dev / str(function.iommu_group)
-        group = self._group = self._open(group_path, f"IOMMU group {function.iommu_group}")
+        group = self._group = _open_node(self.name, group_path, f"IOMMU group {function.iommu_group}")
         status = ffi.new("struct vfio_group_status *", {"argsz": ffi.sizeof("struct vfio_group_status")})
-        self._ioctl(group, lib.VFIO_GROUP_GET_STATUS, status, "VFIO_GROUP_GET_STATUS")
+        _ioctl(self.name, group, lib.VFIO_GROUP_GET_STATUS, status, "VFIO_GROUP_GET_STATUS")
         if not status.flags & lib.VFIO_GROUP_FLAGS_VIABLE:
             blockers = (
                 ", ".join(
@@ -175,23 +327,23 @@ class VfioDevice:
                 errno.EINVAL,
                 f"The group is not viable: {blockers} shares it; {advice.SHARE_THE_GROUP}",
             )
-        container_fd = ffi.new("int *", container)
-        self._ioctl(group, lib.VFIO_GROUP_SET_CONTAINER, container_fd, "VFIO_GROUP_SET_CONTAINER")
-        self._ioctl_value(container, lib.VFIO_SET_IOMMU, lib.VFIO_TYPE1v2_IOMMU, "VFIO_SET_IOMMU(TYPE1v2)")
-        name = ffi.new("char[]", function.bdf.encode())
-        device = self._ioctl(group, lib.VFIO_GROUP_GET_DEVICE_FD, name, "VFIO_GROUP_GET_DEVICE_FD")
-        self._fds.append(device)
-        return device
+        self.home.add(group)
+        self.iommu = self.home
+        return self._group_device_fd()
+
+    def _group_device_fd(self) -> int:
+        assert self._group is not None
+        name = ffi.new("char[]", self.function.bdf.encode())
+        return _ioctl(self.name, self._group, lib.VFIO_GROUP_GET_DEVICE_FD, name, "VFIO_GROUP_GET_DEVICE_FD")
 
     def _open_cdev(self, path: Path) -> int:
-        device = self._open(path, "the VFIO device cdev")
-        iommufd = self._iommufd = self._open(DEV_IOMMU, "iommufd")
+        self.fd = _open_node(self.name, path, "the VFIO device cdev")
         bind = ffi.new(
             "struct vfio_device_bind_iommufd *",
-            {"argsz": ffi.sizeof("struct vfio_device_bind_iommufd"), "iommufd": iommufd},
+            {"argsz": ffi.sizeof("struct vfio_device_bind_iommufd"), "iommufd": Ioas.context(self.name)},
         )
         try:
-            self._ioctl(device, lib.VFIO_DEVICE_BIND_IOMMUFD, bind, "VFIO_DEVICE_BIND_IOMMUFD")
+            _ioctl(self.name, self.fd, lib.VFIO_DEVICE_BIND_IOMMUFD, bind, "VFIO_DEVICE_BIND_IOMMUFD")
         except VfioError as e:
             if e.errno != errno.EINVAL:
                 raise
@@ -204,20 +356,59 @@ class VfioDevice:
                 advice.for_errno(errno.EBUSY, "")
                 + " (the kernel answers EINVAL: the device is already bound)",
             ) from None
-        ioas = ffi.new("struct iommu_ioas_alloc *", {"size": ffi.sizeof("struct iommu_ioas_alloc")})
-        self._ioctl(iommufd, lib.IOMMU_IOAS_ALLOC, ioas, "IOMMU_IOAS_ALLOC")
-        self._ioas = ioas.out_ioas_id
+        self.home = Ioas(self.name)
+        self._attach(self.home)
+        return self.fd
+
+    def _attach(self, ioas: Ioas) -> None:
         attach = ffi.new(
             "struct vfio_device_attach_iommufd_pt *",
-            {"argsz": ffi.sizeof("struct vfio_device_attach_iommufd_pt"), "pt_id": self._ioas},
+            {"argsz": ffi.sizeof("struct vfio_device_attach_iommufd_pt"), "pt_id": ioas.id},
         )
-        self._ioctl(device, lib.VFIO_DEVICE_ATTACH_IOMMUFD_PT, attach, "VFIO_DEVICE_ATTACH_IOMMUFD_PT")
-        return device
+        _ioctl(self.name, self.fd, lib.VFIO_DEVICE_ATTACH_IOMMUFD_PT, attach, "VFIO_DEVICE_ATTACH_IOMMUFD_PT")
+        self.iommu = ioas
+
+    def new_iommu(self, who: str) -> Type1Container | Ioas:
+        """An empty IOMMU context of this device's kind, for a space that has none yet."""
+        return Ioas(who) if isinstance(self.home, Ioas) else Type1Container(who, self._dev)
+
+    def move_to(self, iommu: object) -> bool:
+        """Put the device into ``iommu``'s context; True when that reopened (and so reset) the device."""
+        if iommu is self.iommu:
+            return False
+        if isinstance(self.home, Ioas):
+            if not isinstance(iommu, Ioas):
+                raise VfioError(self.name, "joining the VM's IOMMU space", errno.EINVAL, _MIXED_APIS)
+            self._attach(iommu)
+            return False
+        if not isinstance(iommu, Type1Container):
+            raise VfioError(self.name, "joining the VM's IOMMU space", errno.EINVAL, _MIXED_APIS)
+        assert self._group is not None and isinstance(self.iommu, Type1Container)
+        os.close(self.fd)
+        self.fd = -1
+        try:
+            self.iommu.remove(self._group)
+        except VfioError as e:
+            self.fd = self._group_device_fd()
+            if e.errno != errno.EBUSY:
+                raise
+            raise VfioError(
+                self.name, "moving its IOMMU group to another IOMMU space", errno.EBUSY, _HELD_ELSEWHERE
+            ) from None
+        try:
+            iommu.add(self._group)
+        except BaseException:
+            self.iommu.add(self._group)
+            self.fd = self._group_device_fd()
+            raise
+        self.iommu = iommu
+        self.fd = self._group_device_fd()
+        return True
 
     # queries
     def _device_info(self) -> Any:
         info = ffi.new("struct vfio_device_info *", {"argsz": ffi.sizeof("struct vfio_device_info")})
-        self._ioctl(self.fd, lib.VFIO_DEVICE_GET_INFO, info, "VFIO_DEVICE_GET_INFO")
+        _ioctl(self.name, self.fd, lib.VFIO_DEVICE_GET_INFO, info, "VFIO_DEVICE_GET_INFO")
         if not info.flags & lib.VFIO_DEVICE_FLAGS_PCI:
             raise VfioError(self.name, "VFIO_DEVICE_GET_INFO", errno.ENODEV, "not a PCI device")
         return info
@@ -229,8 +420,12 @@ class VfioDevice:
             buffer = ffi.new("char[]", argsz)
             info = ffi.cast("struct vfio_region_info *", buffer)
             info.argsz, info.index = argsz, index
-            self._ioctl(
-                self.fd, lib.VFIO_DEVICE_GET_REGION_INFO, info, f"VFIO_DEVICE_GET_REGION_INFO({index})"
+            _ioctl(
+                self.name,
+                self.fd,
+                lib.VFIO_DEVICE_GET_REGION_INFO,
+                info,
+                f"VFIO_DEVICE_GET_REGION_INFO({index})",
             )
             if info.argsz <= argsz:
                 break
@@ -260,7 +455,7 @@ class VfioDevice:
         info = ffi.new(
             "struct vfio_irq_info *", {"argsz": ffi.sizeof("struct vfio_irq_info"), "index": index}
         )
-        self._ioctl(self.fd, lib.VFIO_DEVICE_GET_IRQ_INFO, info, f"VFIO_DEVICE_GET_IRQ_INFO({index})")
+        _ioctl(self.name, self.fd, lib.VFIO_DEVICE_GET_IRQ_INFO, info, f"VFIO_DEVICE_GET_IRQ_INFO({index})")
         return IrqInfo(int(info.count), int(info.flags))
 
     def set_irqs(self, index: int, flags: int, start: int, count: int, data: Sequence[int]) -> None:
@@ -280,12 +475,12 @@ class VfioDevice:
             ffi.cast("int32_t *", payload)[0:count] = list(data)
         elif item == 1:
             ffi.cast("uint8_t *", payload)[0:count] = [1 if b else 0 for b in data]
-        self._ioctl(self.fd, lib.VFIO_DEVICE_SET_IRQS, request, f"VFIO_DEVICE_SET_IRQS(index {index})")
+        _ioctl(self.name, self.fd, lib.VFIO_DEVICE_SET_IRQS, request, f"VFIO_DEVICE_SET_IRQS(index {index})")
 
     def reset(self) -> None:
         if not self.info.flags & lib.VFIO_DEVICE_FLAGS_RESET:
             raise VfioError(self.name, "VFIO_DEVICE_RESET", errno.ENOTTY, "the device has no reset method")
-        self._ioctl_value(self.fd, lib.VFIO_DEVICE_RESET, 0, "VFIO_DEVICE_RESET")
+        _ioctl_value(self.name, self.fd, lib.VFIO_DEVICE_RESET, 0, "VFIO_DEVICE_RESET")
 
     def bus_reset(self) -> None:
         """A secondary bus (or slot) reset, VFIO_DEVICE_PCI_HOT_RESET.
@@ -300,7 +495,7 @@ class VfioDevice:
         request.argsz, request.count = size, len(group_fds)
         for i, fd in enumerate(group_fds):
             request.group_fds[i] = fd
-        self._ioctl(self.fd, lib.VFIO_DEVICE_PCI_HOT_RESET, request, "VFIO_DEVICE_PCI_HOT_RESET")
+        _ioctl(self.name, self.fd, lib.VFIO_DEVICE_PCI_HOT_RESET, request, "VFIO_DEVICE_PCI_HOT_RESET")
 
     def hot_reset_devices(self) -> list[str]:
         """Functions a bus/slot reset of this device would reset too (GET_PCI_HOT_RESET_INFO)."""
@@ -314,81 +509,26 @@ class VfioDevice:
             if result == -errno.ENOSPC and info.count > count:
                 count = info.count
                 continue
-            self._checked(
-                result, "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO", advice.for_errno(-result, "hot reset")
+            _checked(
+                self.name,
+                result,
+                "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO",
+                advice.for_errno(-result, "hot reset"),
             )
             devices = ffi.cast("struct vfio_pci_dependent_device *", buffer + size)
             return [
                 format_bdf(devices[i].segment, devices[i].bus, devices[i].devfn) for i in range(info.count)
             ]
 
-    # DMA
-    def map_dma(self, mapping: DmaMapping) -> None:
-        assert mapping.memory is not None
-        vaddr = int(ffi.cast("uintptr_t", ffi.from_buffer(mapping.memory)))
-        writable = bool(mapping.flags & DMA_WRITE)
-        if self._iommufd is not None:
-            flags = lib.IOMMU_IOAS_MAP_FIXED_IOVA | lib.IOMMU_IOAS_MAP_READABLE
-            flags |= lib.IOMMU_IOAS_MAP_WRITEABLE if writable else 0
-            request = ffi.new(
-                "struct iommu_ioas_map *",
-                {
-                    "size": ffi.sizeof("struct iommu_ioas_map"),
-                    "flags": flags,
-                    "ioas_id": self._ioas,
-                    "user_va": vaddr,
-                    "length": mapping.size,
-                    "iova": mapping.iova,
-                },
-            )
-            self._map(self._iommufd, lib.IOMMU_IOAS_MAP, request, "IOMMU_IOAS_MAP", mapping.size)
-        else:
-            assert self._container is not None
-            flags = lib.VFIO_DMA_MAP_FLAG_READ | (lib.VFIO_DMA_MAP_FLAG_WRITE if writable else 0)
-            request = ffi.new(
-                "struct vfio_iommu_type1_dma_map *",
-                {
-                    "argsz": ffi.sizeof("struct vfio_iommu_type1_dma_map"),
-                    "flags": flags,
-                    "vaddr": vaddr,
-                    "iova": mapping.iova,
-                    "size": mapping.size,
-                },
-            )
-            self._map(self._container, lib.VFIO_IOMMU_MAP_DMA, request, "VFIO_IOMMU_MAP_DMA", mapping.size)
-
-    def _map(self, fd: int, request_code: int, request: Any, operation: str, size: int) -> None:
-        result = int(lib.shim_ioctl(fd, request_code, request))
-        self._checked(result, operation, advice.memlock(size) if result == -errno.ENOMEM else None)
-
-    def unmap_dma(self, mapping: DmaMapping) -> None:
-        if self._iommufd is not None:
-            request = ffi.new(
-                "struct iommu_ioas_unmap *",
-                {
-                    "size": ffi.sizeof("struct iommu_ioas_unmap"),
-                    "ioas_id": self._ioas,
-                    "iova": mapping.iova,
-                    "length": mapping.size,
-                },
-            )
-            self._ioctl(self._iommufd, lib.IOMMU_IOAS_UNMAP, request, "IOMMU_IOAS_UNMAP")
-        else:
-            assert self._container is not None
-            request = ffi.new(
-                "struct vfio_iommu_type1_dma_unmap *",
-                {
-                    "argsz": ffi.sizeof("struct vfio_iommu_type1_dma_unmap"),
-                    "iova": mapping.iova,
-                    "size": mapping.size,
-                },
-            )
-            self._ioctl(self._container, lib.VFIO_IOMMU_UNMAP_DMA, request, "VFIO_IOMMU_UNMAP_DMA")
-
     def close(self) -> None:
-        for fd in reversed(self._fds):
-            os.close(fd)
-        self._fds.clear()
+        """The device fd, then its group (which leaves whatever container it is in), then its home."""
+        for fd in (self.fd, self._group):
+            if fd is not None and fd >= 0:
+                os.close(fd)
+        self.fd, self._group = -1, None
+        if self.home is not None:
+            self.home.close()
+            self.home = None
 
 
 def grow_noresize(
@@ -427,6 +567,14 @@ class VfioBackend:
         self._regions = {index: self.device.region(index) for index in range(VGA_REGION)}
         self.config_size = self._regions[CONFIG_REGION].size
         self.can_reset = bool(self.device.info.flags & lib.VFIO_DEVICE_FLAGS_RESET)
+        assert self.device.home is not None
+        self.home = IommuSpace(f"{self.function.bdf}'s home", self.device.home)
+        # type1 maps the daemon's mmap of a peer's BAR (a PFN mapping); iommufd needs dma-buf for it.
+        self.peer_dma = (
+            None
+            if self.device.api == "group"
+            else "iommufd cannot map another device's memory without dma-buf support, which the daemon lacks"
+        )
         self._noresize: dict[int, list[int]] = {}  # index -> eventfds the kernel has, for NORESIZE indexes
 
     # config and regions
@@ -484,6 +632,10 @@ class VfioBackend:
     def read_region(self, index: int, offset: int, length: int) -> bytes:
         return self._pread(index, offset, length)
 
+    def bar_memory(self, index: int, offset: int, size: int) -> mmap.mmap:
+        """Through the device fd, as a client maps it; the fd stays open while the mapping lives."""
+        return mmap.mmap(self.device.fd, size, mmap.MAP_SHARED, offset=self._regions[index].offset + offset)
+
     def write_region(self, index: int, offset: int, data: bytes) -> None:
         self._pwrite(index, offset, data)
 
@@ -521,16 +673,12 @@ class VfioBackend:
         self._noresize[index] = vectors
 
     # DMA
-    def attach_dma(self, table: DmaTable) -> None:
-        """The device reaches guest memory through the IOMMU; the table only feeds it mappings."""
-
-    def dma_map(self, mapping: DmaMapping) -> None:
-        if mapping.backed:
-            self.device.map_dma(mapping)
-
-    def dma_unmap(self, mapping: DmaMapping) -> None:
-        if mapping.backed:
-            self.device.unmap_dma(mapping)
+    def enter(self, space: IommuSpace) -> bool:
+        if space.iommu is None:
+            if len(space):
+                raise VfioError(self.function.bdf, f"joining {space.name}", errno.EINVAL, _MIXED_APIS)
+            space.iommu = self.device.new_iommu(space.name)
+        return self.device.move_to(space.iommu)
 
     def reset(self) -> None:
         self.device.reset()

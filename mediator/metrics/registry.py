@@ -178,6 +178,12 @@ class Family(Generic[SeriesT]):
                 self._by_values[values] = series
         return series
 
+    def remove(self, *values: str) -> None:
+        """Forget the series for these label values (a VM that has gone); absent ones are ignored."""
+        with self._lock:
+            if self._by_values.pop(values, None) is not None:
+                self._series = tuple(item for item in self._series if item[0] != values)
+
     def _signature(self) -> tuple[object, ...]:
         return (self.kind, self.help, self.label_names, self.bounds)
 

@@ -1,4 +1,4 @@
-"""What the daemon records: the process series and one ``DeviceMetrics`` per device.
+"""What the daemon records: the process series, one ``DeviceMetrics`` per device, the client VMs.
 
 ``DeviceMetrics`` is the device's ``DeviceEvents`` (mediator.virt.events) and the
 server's ``ServerEvents`` (mediator.vfio_user.server): the device and the server
@@ -210,6 +210,33 @@ class Metrics:
         }
         self._lock = threading.Lock()
         self._devices: dict[str, DeviceMetrics] = {}
+        vm = ("vm",)
+        self._vm_series = (
+            registry.gauge(PREFIX + "vm_devices", "Devices the client VM (by pid) holds.", vm),
+            registry.gauge(
+                PREFIX + "vm_dma_mappings", "DMA mappings in the VM's IOMMU space, each counted once.", vm
+            ),
+            registry.gauge(
+                PREFIX + "vm_pinned_bytes",
+                "Client memory mapped in the VM's IOMMU space, once however many of its devices map it.",
+                vm,
+            ),
+            registry.gauge(
+                PREFIX + "vm_peer_mappings",
+                "IOMMU mappings of the VM's devices' BARs for peer-to-peer DMA.",
+                vm,
+            ),
+        )
+
+    def vm_changed(self, vm: str, devices: int, mappings: int, pinned_bytes: int, peer_mappings: int) -> None:
+        """A client VM's devices or IOMMU space changed (``mediator.vms.VmEvents``)."""
+        values = (devices, mappings, pinned_bytes, peer_mappings)
+        for family, value in zip(self._vm_series, values, strict=True):
+            family.labels(vm).set(value)
+
+    def vm_gone(self, vm: str) -> None:
+        for family in self._vm_series:
+            family.remove(vm)
 
     def device(self, name: str) -> DeviceMetrics:
         """The metrics of a device the daemon serves, created on first call; counts it in ``devices``."""

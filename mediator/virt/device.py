@@ -22,8 +22,10 @@ reaches the server as a ``DeviceError`` with the backend's errno, and what
 the device sees (trapped accesses, DMA changes, resets) goes to the
 ``DeviceEvents`` it was given.
 
-The device also holds what a client attaches: DMA mappings (a ``DmaTable``
-the backend reaches guest memory through) and interrupt eventfds, validated
+The device also holds what a client attaches: DMA mappings (a ``DmaSpace``:
+the connection's own, held in the IOMMU space of the client's VM, which the
+device enters when the client is admitted and leaves in ``detach_client``)
+and interrupt eventfds, validated
 the way vfio-pci validates VFIO_DEVICE_SET_IRQS and owned here until they are
 replaced or the client goes (``detach_client``). Every refusal is a
 ``DeviceError`` carrying the errno the client should get.
@@ -32,6 +34,7 @@ replaced or the client goes (``detach_client``). Every refusal is a
 from __future__ import annotations
 
 import errno
+import mmap
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -39,7 +42,8 @@ import structlog
 
 from mediator.audit import Auditor
 from mediator.backends.base import Backend, BackendError, IrqInfo
-from mediator.pci.registers import Identity
+from mediator.backends.space import IommuSpace, PeerBar
+from mediator.pci.registers import COMMAND, COMMAND_MEMORY, Identity, bar_offset
 from mediator.quirks.table import QuirkTable
 from mediator.vfio_abi import (
     BAR_REGIONS,
@@ -55,6 +59,14 @@ from mediator.virt.plan import DeviceContext, DevicePlan, TrapWindow, VirtualBar
 from mediator.virt.reset import Resets
 
 log = structlog.get_logger("mediator.virt")
+
+# The command register's decoding bit and the BAR registers: where a peer finds the BARs.
+_BAR_REGISTERS = ((COMMAND, COMMAND + 2), (bar_offset(0), bar_offset(6)))
+
+
+def _moves_bars(offset: int, length: int) -> bool:
+    return any(offset < end and start < offset + length for start, end in _BAR_REGISTERS)
+
 
 _PADDING = "padding"
 _DEVICE = "device"
@@ -85,6 +97,7 @@ class VirtualDevice:
         # Why the device must not be served (a protection that could not be
         # established, quarantine); None while it may be.
         self.refusal: str | None = None
+        self.name = backend.description  # the daemon names it after its config entry
         self.dma = DmaSpace(backend, max_dma_mappings, events)
         self.interrupts = Interrupts(backend)
         self.resets = Resets(backend, self.config, plan, events, self.block)
@@ -132,7 +145,7 @@ class VirtualDevice:
 
     @property
     def max_dma_mappings(self) -> int:
-        return self.dma.table.max_mappings
+        return self.dma.max_mappings
 
     def region(self, index: int) -> RegionView:
         """The guest's view of a region: size, writability, what a client may mmap and through which fd."""
@@ -200,6 +213,8 @@ class VirtualDevice:
             if index == CONFIG_REGION:
                 if self.config.write(offset, data):
                     self._guest_reset("config write")
+                if _moves_bars(offset, len(data)):
+                    self.dma.space.refresh()  # peers' mappings of the BARs follow them
                 return
             self._write_bar(index, offset, data)
         except BackendError as e:
@@ -290,15 +305,57 @@ class VirtualDevice:
     def _guest_reset(self, how: str) -> None:
         self.resets.within_deadline(f"the guest's function-level reset ({how})", "guest")
 
+    # the client's VM
+    def move_to(self, space: IommuSpace) -> None:
+        """Enter an IOMMU space (the client's VM's, or home) with nothing of a client attached.
+
+        The old space's peers stop reaching the device's BARs first: with type1 the move closes
+        the device fd, which the daemon's own mappings of the BARs would keep open.
+        """
+        left = self.dma.space
+        if space is left:
+            return
+        left.leave(self)
+        try:
+            reset = self.dma.move_to(space)
+        except BaseException:
+            left.join(self)
+            raise
+        if space is not self.backend.home:
+            space.join(self)
+        if reset:
+            self.resets.apply_post_reset_writes()  # the move reset the device: protections first
+
+    def peer_bars(self) -> list[PeerBar]:
+        """Where the guest put the BARs a peer may reach: memory BARs, with decoding on (``Peer``)."""
+        command = int.from_bytes(self.config.read(COMMAND, 2), "little")
+        if not command & COMMAND_MEMORY:
+            return []
+        bars = []
+        for bar in self.plan.bars:
+            if bar.type.io or not bar.mmap_areas:
+                continue
+            register = self.config.read(bar_offset(bar.index), 8 if bar.type.is_64 else 4)
+            address = int.from_bytes(register, "little") & ~0xF
+            if address:
+                bars.append(PeerBar(bar.index, address, bar.virtual_size, bar.mmap_areas))
+        return bars
+
+    def bar_memory(self, index: int, offset: int, size: int) -> mmap.mmap:
+        return self.backend.bar_memory(index, offset, size)
+
     # what a hand-off does (mediator.handoff.HandedOff)
     def detach_client(self) -> tuple[int, int]:
         """What a departing client leaves behind goes: (DMA mappings, eventfds) it had.
 
-        The hand-off (``mediator.handoff``) then resets and checks the device.
+        The device then leaves the client's VM for its home space, where it
+        can reach no memory; the hand-off (``mediator.handoff``) then resets
+        and checks it.
         """
         left = len(self.dma), self.interrupts.attached
         self.dma.unmap_all()
         self.interrupts.detach_all()
+        self.move_to(self.backend.home)
         return left
 
     def reset_hardware(self, *, bus: bool) -> str:

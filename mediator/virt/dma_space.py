@@ -1,16 +1,22 @@
-"""The client's DMA space: the mappings it made with DMA_MAP, and the backend's IOMMU programming.
+"""The client's DMA: its own mappings, placed in the IOMMU space the device is in.
 
-Each map is recorded in the ``DmaTable`` (which checks overlaps and mmaps a
-backed mapping's memory) and then handed to the backend (the real one maps
-it into the IOMMU; the simulator reaches guest memory through the table). A
-map the backend refuses is taken out of the table again, so nothing is ever
-half-mapped; an unmap releases the memory whatever the backend says.
+The connection's ``DmaTable`` is what the protocol's rules are checked
+against (an overlap with its own maps is EEXIST, an unmap must find its own
+maps whole); the space (``backends.space``) programs the IOMMU, once for
+RAM that several devices of one VM map. The device sits in
+its backend's home space, where nothing is mapped, until it is moved into
+its client's VM space, and goes home again when the client's references are
+gone. A map the space refuses leaves nothing behind; an unmap releases the
+connection's references whatever the IOMMU says.
 """
 
 from __future__ import annotations
 
+import errno
+
 from mediator.backends.base import Backend, BackendError
 from mediator.backends.dma import DmaError, DmaMapping, DmaTable, release
+from mediator.backends.space import IommuSpace
 from mediator.virt.errors import DeviceError, device_error
 from mediator.virt.events import DeviceEvents
 
@@ -18,26 +24,48 @@ from mediator.virt.events import DeviceEvents
 class DmaSpace:
     def __init__(self, backend: Backend, max_mappings: int, events: DeviceEvents) -> None:
         self.backend = backend
+        self.max_mappings = max_mappings
         self.table = DmaTable(max_mappings)
         self.events = events
-        backend.attach_dma(self.table)
+        self.space: IommuSpace = backend.home
 
     def __len__(self) -> int:
         return len(self.table)
 
+    def move_to(self, space: IommuSpace) -> bool:
+        """Put the device (and its DMA) into ``space``, only while the client has nothing mapped.
+
+        True when the move reset the device.
+        """
+        if len(self.table):
+            raise DeviceError(
+                errno.EBUSY, f"{len(self.table)} DMA mappings are still held in {self.space.name}"
+            )
+        if space is self.space:
+            return False
+        try:
+            reset = self.backend.enter(space)
+        except BackendError as e:
+            raise device_error(e) from None
+        self.space = space
+        return reset
+
     def map(self, iova: int, size: int, flags: int, fd: int | None, offset: int) -> None:
         """Map client memory; ``fd`` stays the caller's (the mapping keeps its own mmap)."""
         try:
-            mapping = self.table.map(iova, size, flags, fd, offset)
+            mapping = self.table.prepare(iova, size, flags, fd, offset)
         except DmaError as e:
             raise DeviceError(e.errno, str(e)) from None
         try:
-            self.backend.dma_map(mapping)
+            self.space.acquire(mapping)
         except BaseException as e:
-            release(self.table.unmap(iova, size))
+            release([mapping])
+            if isinstance(e, DmaError):
+                raise DeviceError(e.errno, str(e)) from None
             if isinstance(e, BackendError):
                 raise device_error(e) from None
             raise
+        self.table.insert(mapping)
         self._changed()
 
     def unmap(self, iova: int, size: int) -> None:
@@ -52,8 +80,7 @@ class DmaSpace:
 
     def _release(self, mappings: list[DmaMapping]) -> None:
         try:
-            for mapping in mappings:
-                self.backend.dma_unmap(mapping)
+            self.space.release(mappings)
         except BackendError as e:
             raise device_error(e) from None
         finally:

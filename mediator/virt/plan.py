@@ -134,12 +134,15 @@ class DeviceContext:
 
     ``allowed_links`` are the link indexes whose peer belongs to the device's
     own tenant; every other link is foreign and gets disabled. A device the
-    config says nothing about has no allowed link and no clique.
+    config says nothing about has no allowed link and no clique; a clique
+    P2P cannot honour is withheld, and why is said (``mediator.tenancy``).
     """
 
     tenant: str | None = None
     allowed_links: frozenset[int] = frozenset()
     gpudirect_clique: int | None = None
+    gpudirect_peers: tuple[str, ...] = ()  # the clique's devices P2P reaches
+    gpudirect_withheld: str | None = None
 
 
 @dataclass(frozen=True)
@@ -470,6 +473,8 @@ class _Planner:
                     synthesis.clique if isinstance(synthesis.clique, int) else self.context.gpudirect_clique
                 )
                 if clique is None:
+                    if self.context.gpudirect_withheld:
+                        self.decide(quirk.name, "withhold", synthesis.kind, self.context.gpudirect_withheld)
                     continue
                 offset = self._place(synthesis, taken)
                 body = gpudirect_clique_capability(clique)
@@ -481,12 +486,18 @@ class _Planner:
                     quirk.name,
                     "synthesize",
                     f"std 0x09 {synthesis.kind} @{offset:#x}",
-                    f"clique {clique}",
+                    f"clique {clique}" + self._reachable(),
                 )
         for i, offset in enumerate(placed):
             nxt = placed[i + 1] if i + 1 < len(placed) else 0
             self.layout.shadow[offset + 1] = nxt
         return placed
+
+    def _reachable(self) -> str:
+        peers = self.context.gpudirect_peers
+        if not peers:
+            return ""  # a quirk file's own clique: the operator vouches for it
+        return f"; P2P reaches {', '.join(peers)} through the VM's IOMMU space (their mmapped BARs)"
 
     def _place(self, synthesis: Synthesis, taken: list[tuple[int, int]]) -> int:
         for at in synthesis.at:

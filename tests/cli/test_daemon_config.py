@@ -135,6 +135,9 @@ def test_inspect_shows_what_the_tenancy_decides(tmp_path: Path) -> None:
         + device_entry("gpu1", "v100-sxm2", tenant="alice")
         + device_entry("gpu2", "h100-sxm5", tenant="bob").replace(
             'profile = "h100-sxm5"', 'profile = "h100-sxm5"\ngpudirect_clique = 9'
+        )
+        + device_entry("gpu3", "h100-sxm5", tenant="bob").replace(
+            'profile = "h100-sxm5"', 'profile = "h100-sxm5"\ngpudirect_clique = 9'
         ),
     )
     gpu0 = json.loads(run("inspect", "--config", path, "--device", "gpu0", "--json").stdout)
@@ -148,7 +151,7 @@ def test_inspect_shows_what_the_tenancy_decides(tmp_path: Path) -> None:
     }.items() <= next(w for w in gpu0["post_reset"] if w["offset"] == 0xA00148).items()
     gpu2 = run("inspect", "--config", path, "--device", "gpu2")
     assert gpu2.returncode == 0, gpu2.stderr
-    assert "synthesize" in gpu2.stdout and "clique 9" in gpu2.stdout
+    assert "synthesize" in gpu2.stdout and "clique 9; P2P reaches gpu3" in gpu2.stdout
 
 
 def test_metrics_count_requests_errors_handoffs_and_state(tmp_path: Path) -> None:

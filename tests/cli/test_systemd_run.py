@@ -31,6 +31,8 @@ gpudirect_clique = {clique}
 name = "gpu1"
 profile = "gp108m-mx150"
 socket = "gpu1.sock"
+tenant = "alice"
+gpudirect_clique = {clique}  # a clique needs a peer it can reach
 """
 
 

@@ -166,12 +166,14 @@ def test_the_gpudirect_clique_is_the_operators_and_read_only(tmp_path: Path) -> 
         [
             {"name": "gpu0", "profile": "h100-sxm5", "tenant": "alice", "gpudirect_clique": 7},
             {"name": "gpu1", "profile": "h100-sxm5", "tenant": "alice"},
+            {"name": "gpu2", "profile": "h100-sxm5", "tenant": "alice", "gpudirect_clique": 7},
         ],
     )
     with (
-        serve(config, devices=2),
+        serve(config, devices=3),
         Machine(tmp_path / "gpu0.sock", behind_root_port=False, more=[tmp_path / "gpu1.sock"]) as machine,
     ):
+        # gpu2 shares the clique (a GPU alone in its clique gets none: there is nobody to reach)
         capability = [machine.cfg_read(0xC8 + i, 1, GPU0) for i in range(8)]
         assert capability[0] == 0x09 and capability[2:] == [0x08, *b"P2P", 7 << 3, 0]
         chain, pointer = [], machine.cfg_read(0x34, 1, GPU0)

@@ -2,8 +2,9 @@
 
 One `serve --config` serves three simulated GPUs; one QEMU takes two of them,
 a second QEMU the third. The daemon's log and metrics must group the first
-two under the first QEMU's pid and the third under the other's, and forget
-a VM once its QEMU has gone.
+two under the first QEMU's pid and the third under the other's, pin the
+first QEMU's RAM once for its two devices, and forget a VM once its QEMU
+has gone.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tests.e2e.harness import Machine
+from tests.e2e.harness import RAM_SIZE, Machine
 from tests.e2e.test_qemu_gpu_policy import serve, write_config
 from tests.support import sample, scrape
 
@@ -42,7 +43,23 @@ def test_the_devices_of_one_qemu_are_one_vm_and_another_qemu_is_another(tmp_path
                 "gpu1": first.process.pid,
                 "gpu2": second.process.pid,
             }
+            vm = str(first.process.pid)
+            deadline = time.monotonic() + 30  # a hang guard: QEMU sends the maps without waiting
+            while True:
+                text = scrape(metrics)
+                each = [
+                    sample(text, "vfio_mediator_dma_pinned_bytes", device=gpu) for gpu in ("gpu0", "gpu1")
+                ]
+                if each[0] == each[1] >= RAM_SIZE // 2 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            assert each[0] == each[1] >= RAM_SIZE // 2, daemon.log[
+                -6000:
+            ]  # both connections mapped the guest's RAM...
+            assert sample(text, "vfio_mediator_vm_pinned_bytes", vm=vm) == each[0]  # ...and it is held once
+            assert sample(text, "vfio_mediator_vm_devices", vm=vm) == 2
         deadline = time.monotonic() + 30  # a hang guard: the sessions end as the QEMUs go
         while client_pids(metrics) != {"gpu0": 0, "gpu1": 0, "gpu2": 0}:
             assert time.monotonic() < deadline, client_pids(metrics)
             time.sleep(0.1)
+        assert "vfio_mediator_vm_" not in scrape(metrics)  # both VMs forgotten

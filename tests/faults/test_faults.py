@@ -17,6 +17,8 @@ import resource
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -399,3 +401,83 @@ def test_the_event_loop_keeps_feeding_the_watchdog_through_a_flood_and_a_stuck_r
             flooder.join(20)
         gaps = [b - a for a, b in itertools.pairwise(pings)]
         assert len(pings) >= 10 and max(gaps) < 0.5, f"watchdog gaps {gaps}"
+
+
+ENGINE = 0x5000  # the H100 profile's dma-engine registers in BAR0 (+0 source, +8 destination, +0x10 count)
+
+
+def run_engine(session: Client, source: int, destination: int, count: int, command: int) -> bool:
+    """The simulated GPU's DMA engine, started through BAR0; whether it completed without a fault."""
+    for n, value in enumerate((source, destination, count, command)):
+        assert session.region_write(0, ENGINE + 8 * n, value.to_bytes(8, "little")).ok
+    status = int.from_bytes(session.region_read(0, ENGINE + 0x18, 8).payload[16:], "little")
+    return not status & 0x100
+
+
+def test_a_vm_losing_one_device_mid_dma_keeps_its_memory_for_the_others(tmp_path: Path) -> None:
+    # One client process holding two devices is one VM: its RAM is pinned once, for both.
+    with start(tmp_path, "h100-sxm5", "h100-sxm5") as daemon:
+        ram = os.memfd_create("guest-ram")
+        os.ftruncate(ram, 1 << 20)
+        os.pwrite(ram, b"guest data", 0x100)
+        with client(tmp_path / "gpu0.sock") as a:
+            b = Client(raw(tmp_path / "gpu1.sock"))
+            assert b.version().ok
+            assert a.dma_map(0x100000, 1 << 20, ram).ok and b.dma_map(0x100000, 1 << 20, ram).ok
+            assert run_engine(b, 0x100100, 0x1000, 10, 0x1)  # RAM -> gpu1's BAR, under way
+            b.client.close()  # gpu1's connection dies; gpu0 goes on DMAing
+            daemon.wait_for(lambda: daemon.counts["hand-off"] > 2, 30)
+            assert run_engine(a, 0x100100, 0x2000, 10, 0x1)
+            assert a.region_read(0, 0x2000, 10).payload[16:] == b"guest data"
+            metrics = scrape(tmp_path / "metrics.sock")
+            assert sample(metrics, "vfio_mediator_vm_pinned_bytes", vm=str(os.getpid())) == 1 << 20
+            assert sample(metrics, "vfio_mediator_vm_devices", vm=str(os.getpid())) == 1
+        gone = [e for e in daemon.events("hand-off") if e["record"]["reason"] == "client gone"]
+        assert gone[0]["device"] == "gpu1" and gone[0]["ok"], gone
+        assert gone[0]["record"]["steps"][0]["detail"] == "1 DMA mappings, 0 eventfds"
+        os.close(ram)
+
+
+def test_a_dma_map_aimed_at_another_vms_bar_never_reaches_it(tmp_path: Path) -> None:
+    bar = 0xE0000000
+    with start(tmp_path, "h100-sxm5", "h100-sxm5") as daemon:
+        ready, done = threading.Event(), threading.Event()
+
+        def other_vm() -> None:  # another client process: it holds gpu1 and puts its BAR0 at `bar`
+            script = (
+                "import socket, struct, sys\n"
+                "from tests.protocol.client import Client\n"
+                "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); c = Client(s)\n"
+                "assert c.version().ok\n"
+                "assert c.region_write(0, 0x100, b'secret of VM 2').ok\n"
+                f"assert c.region_write(7, 0x10, struct.pack('<Q', {bar})).ok\n"
+                "assert c.region_write(7, 0x04, b'\\x06\\x00').ok\n"
+                "print('ready', flush=True); sys.stdin.readline()\n"
+            )
+            with subprocess.Popen(
+                [sys.executable, "-c", script, str(tmp_path / "gpu1.sock")],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=Path(__file__).parents[2],
+            ) as vm2:
+                assert vm2.stdout is not None and vm2.stdin is not None
+                assert vm2.stdout.readline() == "ready\n"
+                ready.set()
+                done.wait(60)
+                vm2.stdin.write("\n")
+
+        holder = threading.Thread(target=other_vm)
+        holder.start()
+        try:
+            assert ready.wait(60)
+            with client(tmp_path / "gpu0.sock") as attacker:
+                assert attacker.dma_map(bar, 16 << 20).ok  # accepted, as any fd-less map is
+                assert not run_engine(attacker, bar + 0x100, 0x1000, 14, 0x1)  # the IOMMU faults
+                assert attacker.region_read(0, 0x1000, 14).payload[16:] != b"secret of VM 2"
+        finally:
+            done.set()
+            holder.join(60)
+        unbacked = daemon.events("fd-less DMA range left unbacked")
+        assert any(e["iova"] == hex(bar) and "no device of this VM" in e["why"] for e in unbacked), unbacked
+        assert not daemon.events("peer BAR mapped")

@@ -1,7 +1,7 @@
 """Real kernel VFIO: the daemon against vfio-pci inside a TCG guest with an emulated IOMMU.
 
 The guest (Debian 13 kernel, ``intel-iommu,caching-mode=on``) gets QEMU's
-``edu``, a ``virtio-net-pci`` with ATS behind a PCIe root port and an
+two ``edu`` (one VM's devices), a ``virtio-net-pci`` with ATS behind a PCIe root port and an
 ``igb`` (ARI, SR-IOV) behind another; the host's root is shared read-only
 over 9p so the guest runs this checkout with the host's Python. There,
 ``tests/guest/vfio_guest.py`` binds the devices to vfio-pci, serves them with
@@ -24,6 +24,8 @@ from tests.e2e.harness import ROOT, qemu_binary
 from tests.guest.test_guest_lspci import guest_files
 
 MODULES = "irqbypass vfio vfio_iommu_type1 vfio-pci-core vfio-pci netfs 9pnet 9pnet_virtio 9p"
+# Two edu functions for one VM; a 32-bit DMA mask (edu's default is 28 bits) reaches the BARs below 4 GiB.
+EDUS = ("-device", "edu,addr=04.0,dma_mask=0xffffffff", "-device", "edu,addr=07.0,dma_mask=0xffffffff")
 REPORT = Path(__file__).parents[2] / ".cache" / "real-vfio-report.json"
 
 
@@ -95,7 +97,7 @@ def results() -> dict[str, dict[str, Any]]:
             ],
             *["-kernel", str(guest / "vmlinuz"), "-initrd", str(guest / "initrd.gz")],
             *["-append", f"console=ttyS0 quiet panic=-1 intel_iommu=on tb.cmd={command}"],
-            *["-device", "intel-iommu,caching-mode=on", "-device", "edu,addr=04.0"],
+            *["-device", "intel-iommu,caching-mode=on", *EDUS],
             *["-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1,addr=05.0"],
             *["-device", "virtio-net-pci,bus=rp1,ats=on,disable-legacy=on"],
             *["-device", "pcie-root-port,id=rp2,bus=pcie.0,chassis=2,addr=06.0", "-device", "igb,bus=rp2"],
@@ -127,6 +129,8 @@ CHECKS = [
     "ebusy",
     "eacces",
     "memlock",
+    "vm-space",
+    "lingering-fd",
     "enotty",
     "compare-edu",
     "compare-virtio-net",

@@ -33,17 +33,20 @@ from mediator._vfio_shim import ffi, lib
 
 from mediator.backends.sysfs import find_function
 from mediator.backends.vfio import VfioDevice, VfioError
+from mediator.backends.vfio import _ioctl as vfio_ioctl
 from mediator.pci.chain import walk
 from mediator.preflight import doctor, list_devices
 from mediator.vfio_user.wire import Command
-from tests.e2e.harness import Machine
+from tests.e2e.harness import RAM_SIZE, Machine
 from tests.protocol.client import Client
+from tests.support import DaemonProcess
 
 SYSFS = Path("/sys/bus/pci/devices")
 IDS = {"edu": "1234:11e8", "virtio-net": "1af4:1041", "igb": "8086:10c9"}
 TMP = Path(tempfile.gettempdir())
 PYTHON = [sys.executable, "-m", "mediator"]
 EDU_ID, EDU_INVERT, EDU_RAISE, EDU_ACK = 0x00, 0x04, 0x60, 0x64
+EDU_IDENTITY = 0x010000ED
 NO_RESET = "none"  # edu has no reset method: without this the hand-off would quarantine it
 EDU_DMA_SRC, EDU_DMA_DST, EDU_DMA_COUNT, EDU_DMA_CMD, EDU_BUFFER = 0x80, 0x88, 0x90, 0x98, 0x40000
 
@@ -62,12 +65,76 @@ def checked(check: str) -> Callable[[Callable[[], dict[str, object]]], None]:
     return run
 
 
-def find(kind: str) -> str:
+def find_all(kind: str) -> list[str]:
+    found = []
     for device in sorted(SYSFS.iterdir()):
         ids = f"{(device / 'vendor').read_text()[2:6]}:{(device / 'device').read_text()[2:6]}"
         if ids == IDS[kind]:
-            return device.name
-    raise RuntimeError(f"no {kind} device in the guest")
+            found.append(device.name)
+    return found
+
+
+def find(kind: str) -> str:
+    found = find_all(kind)
+    if not found:
+        raise RuntimeError(f"no {kind} device in the guest")
+    return found[0]
+
+
+def locked_kib(pid: int) -> int:
+    """The memory a process has pinned for DMA: type1 counts it in VmLck, iommufd in VmPin."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return max(int(fields[name].split()[0]) for name in ("VmLck", "VmPin"))
+
+
+def settled(value: Callable[[], int], above: int, timeout: float = 180) -> int:
+    """``value()`` once it is past ``above`` and has not changed for two seconds."""
+    deadline, last, since = time.monotonic() + timeout, -1, time.monotonic()
+    while True:
+        now = value()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif now > above and time.monotonic() - since >= 2:
+            return now
+        assert time.monotonic() < deadline, f"stuck at {now} KiB"
+        time.sleep(0.25)
+
+
+def peer_to_peer(vm: Machine, bars: tuple[int, int]) -> dict[str, Any]:
+    """Edu A's DMA engine against edu B's BAR0, through the VM's IOMMU space; what it found.
+
+    edu answers register accesses of 4 bytes only (others read all-ones), so every
+    transfer that touches B's registers is one register.
+    """
+    a, b = bars
+    vm.command(f"writel {b + EDU_INVERT:#x} 0x5a5a0000")
+
+    def through_a(source: int) -> int:
+        vm.write_memory(0x300000, bytes(4))
+        edu_dma(vm, a, 0x300000, EDU_BUFFER, count=4, command=0x1)  # clear A's buffer from RAM
+        edu_dma(vm, a, source, EDU_BUFFER, count=4, command=0x1)  # B's BAR -> A
+        edu_dma(vm, a, EDU_BUFFER, 0x300000, count=4, command=0x3)  # A -> RAM
+        return int(struct.unpack("=I", vm.read_memory(0x300000, 4))[0])
+
+    found: dict[str, Any] = {"read from B": [through_a(b + EDU_ID), through_a(b + EDU_INVERT)]}
+    vm.write_memory(0x301000, struct.pack("=I", 0x12345678))
+    edu_dma(vm, a, 0x301000, EDU_BUFFER, count=4, command=0x1)
+    edu_dma(vm, a, EDU_BUFFER, b + EDU_INVERT, count=4, command=0x3)  # A -> B's inversion register
+    found["written to B"] = vm.value(f"readl {b + EDU_INVERT:#x}")
+    vm.enable(0x0004, bdf=(0, 6, 0))  # B stops decoding: its BAR leaves the guest's address space
+    found["read with B's decoding off"] = [through_a(b + EDU_ID), through_a(b + EDU_INVERT)]
+    return found
+
+
+def edu_dma(machine: Machine, bar: int, source: int, destination: int, *, count: int, command: int) -> None:
+    """Run edu's DMA engine through the nested QEMU's mapping of the BAR, and wait for it."""
+    for register, value in ((EDU_DMA_SRC, source), (EDU_DMA_DST, destination), (EDU_DMA_COUNT, count)):
+        machine.command(f"writeq {bar + register:#x} {value:#x}")
+    machine.command(f"writeq {bar + EDU_DMA_CMD:#x} {command:#x}")
+    deadline = time.monotonic() + 30
+    while machine.value(f"readq {bar + EDU_DMA_CMD:#x}") & 1:
+        assert time.monotonic() < deadline, "edu DMA did not complete"
+        time.sleep(0.01)
 
 
 def bind_to_vfio(bdf: str) -> None:
@@ -184,7 +251,8 @@ def main() -> None:  # noqa: PLR0915  one nested function per check, in the orde
         assert rc == 1 and "has no driver, not vfio-pci" in message and "driver_override" in message, message
         return {"message": message}
 
-    for bdf in bdfs.values():
+    peers = [bdf for bdf in find_all("edu") if bdf != bdfs["edu"]]
+    for bdf in (*bdfs.values(), *peers):
         bind_to_vfio(bdf)
 
     @checked("vfio-api")
@@ -268,7 +336,7 @@ def main() -> None:  # noqa: PLR0915  one nested function per check, in the orde
             second.client.close()
             os.close(memory)
         gone = [line for line in log if "event='hand-off'" in line and "'reason': 'client gone'" in line]
-        assert identity == 0x010000ED and inverted == 0xEDCBA987, (hex(identity), hex(inverted))
+        assert identity == EDU_IDENTITY and inverted == 0xEDCBA987, (hex(identity), hex(inverted))
         assert round_trip and fired >= 1 and reset and remap, (round_trip, fired, reset, remap)
         assert gone and "'detail': '1 DMA mappings, 1 eventfds'" in gone[0], gone
         return {
@@ -373,6 +441,78 @@ def main() -> None:  # noqa: PLR0915  one nested function per check, in the orde
         assert not reply.ok and reply.error == 12 and refusal, (reply, log[-3:])
         return {"errno": reply.error, "log": refusal[0].strip()[-300:]}
 
+    @checked("vm-space")
+    def _() -> dict[str, object]:
+        # One QEMU holding both edu functions is one VM: one type1 container, guest RAM pinned
+        # once, and each edu's DMA reaches the other's BAR (peer-to-peer) while it decodes.
+        folder = Path(tempfile.mkdtemp(prefix="vm-space-"))
+        config = folder / "vm.toml"
+        config.write_text(
+            'state_directory = "state"\n'
+            + "".join(
+                f'[[device]]\nname = "edu-{n}"\nbdf = "{bdf}"\nsocket = "edu-{n}.sock"\nreset = "none"\n'
+                for n, bdf in enumerate((edu, *peers[:1]))
+            )
+        )
+        sockets = [folder / "edu-0.sock", folder / "edu-1.sock"]
+        bars, pattern = (0xE0000000, 0xE0100000), bytes(range(7, 71))
+        with DaemonProcess("--config", str(config), "--log-format", "json", devices=2, timeout=300) as served:
+            pid = served.process.pid
+            idle, handoffs = locked_kib(pid), served.counts["hand-off"]
+            with Machine(sockets[0], behind_root_port=False):
+                one_device = settled(lambda: locked_kib(pid), idle + 1024)
+            served.wait_for(lambda: served.counts["hand-off"] > handoffs, 120)
+            with Machine(sockets[0], behind_root_port=False, more=sockets[1:]) as vm:
+                two_devices = settled(lambda: locked_kib(pid), idle + 1024)
+                joined = served.wait_for_event("device joins its client's VM", device="edu-1")
+                vm.write_memory(0x100000, pattern)
+                copied = {}
+                for n, (bdf, bar) in enumerate(zip(((0, 5, 0), (0, 6, 0)), bars, strict=True)):
+                    vm.map_bar(0, bar, bdf)
+                    vm.enable(bdf=bdf)
+                    destination = 0x200000 + n * 0x1000
+                    edu_dma(vm, bar, 0x100000, EDU_BUFFER, count=len(pattern), command=0x1)  # RAM -> edu
+                    edu_dma(vm, bar, EDU_BUFFER, destination, count=len(pattern), command=0x3)  # edu -> RAM
+                    copied[f"edu-{n}"] = vm.read_memory(destination, len(pattern)) == pattern
+                p2p = peer_to_peer(vm, bars)
+        assert joined["devices"] == ["edu-0", "edu-1"] and joined["vm"] == str(vm.process.pid), joined
+        assert all(copied.values()), copied
+        ram_kib = RAM_SIZE >> 10
+        assert one_device - idle >= ram_kib - 1024, (idle, one_device)  # all of RAM but the ROM holes
+        assert two_devices - idle < (one_device - idle) + ram_kib // 8, (idle, one_device, two_devices)
+        read, written, after = p2p["read from B"], p2p["written to B"], p2p["read with B's decoding off"]
+        assert read == [EDU_IDENTITY, 0xFFFFFFFF ^ 0x5A5A0000], p2p  # A's engine read B's registers
+        assert written == 0xFFFFFFFF ^ 0x12345678, p2p  # and wrote B's inversion register
+        assert after == [0, 0], p2p  # no mapping: the read faulted and reached nothing
+        return {
+            "locked_kib": {"idle": idle, "1 device": one_device, "2 devices": two_devices},
+            "dma": copied,
+            "p2p": {k: [hex(v) for v in vs] if isinstance(vs, list) else hex(vs) for k, vs in p2p.items()},
+        }
+
+    @checked("lingering-fd")
+    def _() -> dict[str, object]:
+        # A client that leaves while holding the device fd (bar_access "mmap" gave it one) can
+        # still reach the device: the move home fails (EBUSY) and the device is quarantined.
+        with daemon(edu, name="lingering", reset=NO_RESET) as (sock, log):
+            client = connect(sock)
+            _info, _caps, fds = client.region_info(0)
+            client.client.close()
+            deadline = time.monotonic() + 60
+            while not any("event='hand-off'" in line and "client gone" in line for line in log):
+                assert time.monotonic() < deadline, "no hand-off after the client went"
+                time.sleep(0.2)
+            for fd in fds:
+                os.close(fd)
+            raw = socket.socket(socket.AF_UNIX)
+            raw.connect(str(sock))
+            again = Client(raw).version()
+            raw.close()
+        failed = [line for line in log if "event='hand-off'" in line and "client gone" in line]
+        assert fds and "ok=False" in failed[0] and "still holds the device fd" in failed[0], failed
+        assert not again.ok, again  # quarantined: the next client is refused
+        return {"hand-off": failed[0].split("'steps': ")[1][:400], "next client": again.error}
+
     @checked("enotty")
     def _() -> dict[str, object]:
         function = find_function(edu)
@@ -389,7 +529,9 @@ def main() -> None:  # noqa: PLR0915  one nested function per check, in the orde
         try:
             bind = ffi.new("struct vfio_device_bind_iommufd *", {"argsz": 16, "iommufd": -1})
             try:
-                device._ioctl(device.fd, lib.VFIO_DEVICE_BIND_IOMMUFD, bind, "VFIO_DEVICE_BIND_IOMMUFD")
+                vfio_ioctl(
+                    device.name, device.fd, lib.VFIO_DEVICE_BIND_IOMMUFD, bind, "VFIO_DEVICE_BIND_IOMMUFD"
+                )
             except VfioError as e:
                 message = str(e)
             else:

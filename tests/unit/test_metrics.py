@@ -177,6 +177,9 @@ def test_every_daemon_series_is_exported_and_parses() -> None:  # noqa: PLR0915 
     gpu.client_refused("busy")
     gpu.set_state("quarantined")
     metrics.fabric_command("activate", ok=True)
+    metrics.vm_changed("4242", devices=2, mappings=3, pinned_bytes=1 << 30, peer_mappings=4)
+    metrics.vm_changed("4343", devices=1, mappings=0, pinned_bytes=0, peer_mappings=0)
+    metrics.vm_gone("4343")
 
     families = parse(metrics.render())
     check_histograms(families)
@@ -212,6 +215,11 @@ def test_every_daemon_series_is_exported_and_parses() -> None:  # noqa: PLR0915 
     assert value(families, p + "device_state", device="gpu0", state="serving") == 0
     assert value(families, p + "device_blocked", device="gpu1") == 0
     assert value(families, p + "fabric_commands_total", action="activate", result="ok") == 1
+    assert value(families, p + "vm_devices", vm="4242") == 2
+    assert value(families, p + "vm_dma_mappings", vm="4242") == 3
+    assert value(families, p + "vm_pinned_bytes", vm="4242") == 1 << 30
+    assert value(families, p + "vm_peer_mappings", vm="4242") == 4
+    assert lookup(families, p + "vm_devices", vm="4343") is None  # a VM that has gone is forgotten
     assert {f.type for f in families.values()} == {"counter", "gauge", "histogram"}
     for family in families.values():
         assert family.help and family.name.startswith(p)

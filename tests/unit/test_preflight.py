@@ -72,7 +72,18 @@ def test_a_vfio_bound_gpu_in_a_viable_group_passes_every_check(machine: Machine)
     findings = machine.doctor(guest_ram=64 << 30)
     assert severities(findings) == {
         check: "ok"
-        for check in ("function", "driver", "iommu", "vfio-api", "reset", "rom", "ats", "acs", "memlock")
+        for check in (
+            "function",
+            "driver",
+            "iommu",
+            "vfio-api",
+            "p2p",
+            "reset",
+            "rom",
+            "ats",
+            "acs",
+            "memlock",
+        )
     }
     assert findings["function"].found.startswith(f"{GPU} 10de:2330")
     assert findings["driver"].found == "bound to vfio-pci"
@@ -275,6 +286,8 @@ def test_the_vfio_api_the_daemon_will_use(machine: Machine) -> None:
     assert machine.doctor()["vfio-api"].found.endswith(
         "vfio0 and " + str(machine.dev / "iommu") + ": the daemon uses iommufd"
     )
+    p2p = machine.doctor()["p2p"]
+    assert p2p.severity == "warning" and "peer-to-peer DMA between a VM's devices faults" in p2p.found
     for node in ("iommu", "vfio/devices/vfio0", "vfio/vfio", "vfio/12"):
         (machine.dev / node).unlink()
     missing = machine.doctor()["vfio-api"]
@@ -344,6 +357,7 @@ def test_doctor_prints_one_line_per_check_and_exits_1_on_an_error(
         "driver",
         "iommu",
         "vfio-api",
+        "p2p",
         "reset",
         "rom",
         "ats",

@@ -10,6 +10,7 @@ import pytest
 from mediator.errors import InputErrors
 from mediator.settings import Access, load_settings
 from mediator.tenancy import allowed_links, device_context
+from tests.support import device
 
 CONFIG = """
 state_directory = "state"
@@ -84,8 +85,50 @@ def test_links_are_allowed_only_to_peers_of_the_same_tenant(tmp_path: Path) -> N
     assert allowed_links(settings, settings.device("gpu0")) == {0, 1}
     assert allowed_links(settings, settings.device("gpu3")) == set()  # gpu0 is alice's
     assert allowed_links(settings, settings.device("spare")) == set()  # no tenant, nothing shared
-    context = device_context(settings, settings.device("gpu0"))
-    assert (context.tenant, context.gpudirect_clique) == ("alice", 3)
+    context = device_context(settings, settings.device("gpu0"), peer_dma=None)
+    assert (context.tenant, context.gpudirect_clique) == ("alice", None)  # gpu0 is alone in its clique
+    assert "no other device of the config is in clique 3" in (context.gpudirect_withheld or "")
+
+
+CLIQUE = """
+[[device]]
+name = "gpu0"
+profile = "h100-sxm5"
+socket = "gpu0.sock"
+tenant = "alice"
+gpudirect_clique = 3
+[[device]]
+name = "gpu1"
+profile = "h100-sxm5"
+socket = "gpu1.sock"
+tenant = "alice"
+gpudirect_clique = 3
+[[device]]
+name = "bobs"
+profile = "h100-sxm5"
+socket = "bobs.sock"
+tenant = "bob"
+gpudirect_clique = 3
+[[device]]
+name = "trapped"
+profile = "h100-sxm5"
+socket = "trapped.sock"
+tenant = "bob"
+gpudirect_clique = 3
+bar_access = "trap"
+"""
+
+
+def test_a_gpudirect_clique_is_given_only_where_p2p_can_reach_its_peers(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, CLIQUE))
+    gpu0 = device_context(settings, settings.device("gpu0"), peer_dma=None)
+    assert (gpu0.gpudirect_clique, gpu0.gpudirect_peers) == (3, ("gpu1",))  # bob's GPUs go to another VM
+    bobs = device_context(settings, settings.device("bobs"), peer_dma=None)
+    assert bobs.gpudirect_clique is None and "no other device" in (bobs.gpudirect_withheld or "")
+    trapped = device_context(settings, settings.device("trapped"), peer_dma=None)
+    assert trapped.gpudirect_clique is None and 'bar_access = "trap"' in (trapped.gpudirect_withheld or "")
+    iommufd = device_context(settings, settings.device("gpu1"), peer_dma="iommufd cannot map it")
+    assert iommufd.gpudirect_clique is None and iommufd.gpudirect_withheld == "iommufd cannot map it"
 
 
 BAD = [
@@ -183,3 +226,11 @@ def test_an_unknown_user_is_an_error_naming_the_key(tmp_path: Path) -> None:
         error.where == "device[0] (a).access.allow_users"
         and "no user named 'no-such-user-x'" in error.message
     )
+
+
+def test_inspect_says_which_peers_the_clique_reaches_or_why_it_is_withheld(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, CLIQUE))
+    for name, expected in (("gpu0", "P2P reaches gpu1"), ("bobs", "no other device")):
+        dev, _ = device("h100-sxm5", context=device_context(settings, settings.device(name), peer_dma=None))
+        said = [d for d in dev.plan.decisions if d.quirk == "nvidia/gpudirect-clique"]
+        assert len(said) == 1 and expected in said[0].detail, said

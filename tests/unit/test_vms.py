@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mediator.backends.dma import DmaTable, release
 from mediator.vms import VmId, Vms, vm_of
 
 
@@ -33,11 +34,62 @@ def test_this_process_has_a_start_time_and_a_gone_one_has_none(tmp_path: Path) -
 
 def test_devices_join_and_leave_their_vm_and_an_empty_vm_is_forgotten() -> None:
     vms, a, b = Vms(), VmId(1, 10), VmId(2, 20)
-    assert vms.join(a, "gpu1") == ("gpu1",)
-    assert vms.join(a, "gpu0") == ("gpu0", "gpu1")
-    assert vms.join(b, "gpu2") == ("gpu2",)  # another VM: its own devices only
+    space, held = vms.join(a, "gpu1")
+    assert held == ("gpu1",)
+    assert vms.join(a, "gpu0") == (space, ("gpu0", "gpu1"))  # one space for the VM's devices
+    other, held = vms.join(b, "gpu2")
+    assert held == ("gpu2",) and other is not space  # another VM: its own devices and space
     assert vms.leave(a, "gpu1") == ("gpu0",)
     assert vms.leave(a, "gpu0") == ()
     assert vms.leave(a, "gpu0") == ()  # twice is harmless
-    assert vms.join(a, "gpu0") == ("gpu0",)  # an emptied VM was forgotten: it starts again empty
+    again, held = vms.join(a, "gpu0")
+    assert held == ("gpu0",) and again is not space  # an emptied VM was forgotten: it starts again empty
     assert vms.leave(b, "gpu2") == ()
+
+
+def test_the_last_device_to_leave_tears_the_vms_space_down() -> None:
+    vms, vm = Vms(), VmId(1, 10)
+    space, _ = vms.join(vm, "gpu0")
+    vms.join(vm, "gpu1")
+    closed: list[str] = []
+    space.close = lambda: closed.append(space.name)  # type: ignore[method-assign]
+    vms.leave(vm, "gpu0")
+    assert closed == []
+    vms.leave(vm, "gpu1")
+    assert closed == [space.name]
+
+
+class Reported:
+    def __init__(self) -> None:
+        self.vms: dict[str, tuple[int, int, int]] = {}
+
+    def vm_changed(self, vm: str, devices: int, mappings: int, pinned_bytes: int, peer_mappings: int) -> None:
+        assert peer_mappings == 0  # no BARs here
+        self.vms[vm] = (devices, mappings, pinned_bytes)
+
+    def vm_gone(self, vm: str) -> None:
+        del self.vms[vm]
+
+
+def test_a_vms_devices_and_pinned_memory_are_reported_until_it_goes() -> None:
+    reported, vm = Reported(), VmId(7, 70)
+    vms = Vms(reported)
+    space, _ = vms.join(vm, "gpu0")
+    vms.join(vm, "gpu1")
+    ram = os.memfd_create("ram", os.MFD_CLOEXEC)
+    os.ftruncate(ram, 1 << 20)
+    try:
+        mappings = [DmaTable().prepare(0, 1 << 20, 3, ram, 0) for _ in ("gpu0", "gpu1")]
+        for mapping in mappings:
+            space.acquire(mapping)
+        assert reported.vms == {"7": (2, 1, 1 << 20)}  # two devices, one mapping, pinned once
+        space.release(mappings[:1])
+        vms.leave(vm, "gpu0")
+        assert reported.vms == {"7": (1, 1, 1 << 20)}
+        space.release(mappings[1:])
+        assert reported.vms == {"7": (1, 0, 0)}
+        vms.leave(vm, "gpu1")
+        assert reported.vms == {}
+    finally:
+        release(mappings)
+        os.close(ram)
