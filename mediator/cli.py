@@ -335,7 +335,10 @@ def run_devices(args: argparse.Namespace) -> int:
         )
         others = [f"{bdf} ({driver or 'no driver'})" for bdf, driver in s.group_members if bdf != s.bdf]
         if others:
-            print(f"{'':<14}group {s.iommu_group} also holds {', '.join(others)}")
+            print(
+                f"{'':<14}group {s.iommu_group} also holds {', '.join(others)}: "
+                "they go to one VM together (one IOMMU space)"
+            )
     return 0
 
 

@@ -29,7 +29,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from mediator._vfio_shim import ffi, lib
 from mediator.backends import advice
@@ -276,14 +276,148 @@ _HELD_ELSEWHERE = (
 )
 
 
+class VfioGroup:
+    """An IOMMU group node, opened once and shared by the functions of it the daemon serves.
+
+    A group node opens once per process, and its functions share one IOMMU
+    context at all times, so the group, not the function, is what moves
+    between spaces: it goes into a VM's container with the first of its
+    functions admitted to that VM and home with the last to leave, and a
+    function may only join the VM its group is already in. The move closes
+    the fd of every function of the group (the kernel lets a group leave its
+    container only then) and opens them again.
+    """
+
+    _opened: ClassVar[dict[tuple[Path, int], VfioGroup]] = {}
+
+    def __init__(self, function: PciFunction, dev: Path) -> None:
+        assert function.iommu_group is not None
+        self.number = function.iommu_group
+        self.key = (dev, self.number)
+        self.who = f"IOMMU group {self.number}"
+        self.home = Type1Container(f"{self.who}'s home", dev)
+        try:
+            self.fd = _open_node(function.bdf, dev / str(self.number), self.who)
+        except BaseException:
+            self.home.close()
+            raise
+        self.iommu: Type1Container = self.home
+        self.devices: list[VfioDevice] = []
+        self.held: dict[str, Type1Container] = {}  # function -> the VM container it has joined
+        try:
+            self._check_viable(function)
+            self.home.add(self.fd)
+        except BaseException:
+            os.close(self.fd)
+            self.home.close()
+            raise
+
+    @classmethod
+    def of(cls, function: PciFunction, dev: Path) -> VfioGroup:
+        key = (dev, function.iommu_group or 0)
+        group = cls._opened.get(key)
+        if group is None:
+            group = cls._opened[key] = cls(function, dev)
+        return group
+
+    def _check_viable(self, function: PciFunction) -> None:
+        status = ffi.new("struct vfio_group_status *", {"argsz": ffi.sizeof("struct vfio_group_status")})
+        _ioctl(function.bdf, self.fd, lib.VFIO_GROUP_GET_STATUS, status, "VFIO_GROUP_GET_STATUS")
+        if not status.flags & lib.VFIO_GROUP_FLAGS_VIABLE:
+            blockers = (
+                ", ".join(
+                    f"{bdf} (bound to {driver})" for bdf, driver in group_blockers(function.group_members)
+                )
+                or "a device"
+            )
+            raise VfioError(
+                function.bdf,
+                f"using {self.who}",
+                errno.EINVAL,
+                f"The group is not viable: {blockers} shares it; {advice.SHARE_THE_GROUP}",
+            )
+
+    def device_fd(self, bdf: str) -> int:
+        name = ffi.new("char[]", bdf.encode())
+        return _ioctl(bdf, self.fd, lib.VFIO_GROUP_GET_DEVICE_FD, name, "VFIO_GROUP_GET_DEVICE_FD")
+
+    def attach(self, device: VfioDevice) -> int:
+        fd = self.device_fd(device.name)
+        self.devices.append(device)
+        return fd
+
+    def detach(self, device: VfioDevice) -> None:
+        """The device's fd is closed; the last one out closes the group and its home."""
+        self.devices = [d for d in self.devices if d is not device]
+        self.held.pop(device.name, None)
+        if self.devices:
+            return
+        VfioGroup._opened.pop(self.key, None)
+        os.close(self.fd)  # the group leaves whatever container it is in
+        self.home.close()
+
+    def move(self, device: VfioDevice, container: Type1Container) -> bool:
+        """``device`` joins ``container`` (a VM's) or goes home.
+
+        True when the group moved, which resets its functions.
+        """
+        if container is self.home:
+            self.held.pop(device.name, None)
+            if self.held:  # another function of the group is still in the VM: the group stays
+                return False
+        else:
+            holders = [bdf for bdf, c in self.held.items() if c is not container]
+            if holders:
+                raise VfioError(
+                    device.name,
+                    "joining a VM's IOMMU space",
+                    errno.EBUSY,
+                    f"{self.who} is in another VM's IOMMU space, where {', '.join(holders)} is served: "
+                    "the functions of a group go to one VM together",
+                )
+            self.held[device.name] = container
+        if container is self.iommu:
+            return False
+        try:
+            self._move(container)
+        except BaseException:
+            if container is not self.home:
+                self.held.pop(device.name, None)
+            raise
+        return True
+
+    def _move(self, container: Type1Container) -> None:
+        for member in self.devices:
+            os.close(member.fd)
+            member.fd = -1
+        try:
+            self.iommu.remove(self.fd)
+        except VfioError as e:
+            self._reopen()
+            if e.errno != errno.EBUSY:
+                raise
+            raise VfioError(self.who, "moving to another IOMMU space", errno.EBUSY, _HELD_ELSEWHERE) from None
+        try:
+            container.add(self.fd)
+        except BaseException:
+            self.iommu.add(self.fd)
+            self._reopen()
+            raise
+        self.iommu = container
+        self._reopen()
+
+    def _reopen(self) -> None:
+        for member in self.devices:
+            member.fd = self.device_fd(member.name)
+
+
 class VfioDevice:
     """An open VFIO device fd and the IOMMU context it is in (its home's, or a VM's).
 
     Moving a device between contexts: iommufd re-attaches it (the kernel
-    replaces the IOAS while the fd stays open); type1 can take a group out of
-    its container only while no fd of its devices is open, so the device fd
-    is closed, the group moved and the fd opened again, which vfio-pci takes
-    as a close and an open of the device (it resets the function).
+    replaces the IOAS while the fd stays open); with type1 the group moves
+    (``VfioGroup``), closing and reopening the fds of its functions, which
+    vfio-pci takes as a close and an open of each (it resets them).
     """
 
     def __init__(self, function: PciFunction, *, prefer_cdev: bool = True, dev: Path = DEV_VFIO) -> None:
@@ -291,9 +425,9 @@ class VfioDevice:
         self.name = function.bdf
         self._dev = dev
         self.fd = -1
-        self._group: int | None = None
+        self.group: VfioGroup | None = None
         self.home: Type1Container | Ioas | None = None
-        self.iommu: Type1Container | Ioas | None = None
+        self._ioas: Ioas | None = None
         try:
             if prefer_cdev and function.vfio_cdev and DEV_IOMMU.exists():
                 self.fd = self._open_cdev(dev / "devices" / function.vfio_cdev)
@@ -308,33 +442,14 @@ class VfioDevice:
 
     # opening
     def _open_group(self, dev: Path) -> int:
-        function = self.function
-        self.home = Type1Container(self.name, dev)
-        group_path = dev / str(function.iommu_group)
-        group = self._group = _open_node(self.name, group_path, f"IOMMU group {function.iommu_group}")
-        status = ffi.new("struct vfio_group_status *", {"argsz": ffi.sizeof("struct vfio_group_status")})
-        _ioctl(self.name, group, lib.VFIO_GROUP_GET_STATUS, status, "VFIO_GROUP_GET_STATUS")
-        if not status.flags & lib.VFIO_GROUP_FLAGS_VIABLE:
-            blockers = (
-                ", ".join(
-                    f"{bdf} (bound to {driver})" for bdf, driver in group_blockers(function.group_members)
-                )
-                or "a device"
-            )
-            raise VfioError(
-                self.name,
-                f"using IOMMU group {function.iommu_group}",
-                errno.EINVAL,
-                f"The group is not viable: {blockers} shares it; {advice.SHARE_THE_GROUP}",
-            )
-        self.home.add(group)
-        self.iommu = self.home
-        return self._group_device_fd()
+        self.group = VfioGroup.of(self.function, dev)
+        self.home = self.group.home
+        return self.group.attach(self)
 
-    def _group_device_fd(self) -> int:
-        assert self._group is not None
-        name = ffi.new("char[]", self.function.bdf.encode())
-        return _ioctl(self.name, self._group, lib.VFIO_GROUP_GET_DEVICE_FD, name, "VFIO_GROUP_GET_DEVICE_FD")
+    @property
+    def iommu(self) -> Type1Container | Ioas | None:
+        """The IOMMU context the device is in now: its group's (type1), or its IOAS."""
+        return self.group.iommu if self.group is not None else self._ioas
 
     def _open_cdev(self, path: Path) -> int:
         self.fd = _open_node(self.name, path, "the VFIO device cdev")
@@ -366,7 +481,7 @@ class VfioDevice:
             {"argsz": ffi.sizeof("struct vfio_device_attach_iommufd_pt"), "pt_id": ioas.id},
         )
         _ioctl(self.name, self.fd, lib.VFIO_DEVICE_ATTACH_IOMMUFD_PT, attach, "VFIO_DEVICE_ATTACH_IOMMUFD_PT")
-        self.iommu = ioas
+        self._ioas = ioas
 
     def new_iommu(self, who: str) -> Type1Container | Ioas:
         """An empty IOMMU context of this device's kind, for a space that has none yet."""
@@ -383,27 +498,8 @@ class VfioDevice:
             return False
         if not isinstance(iommu, Type1Container):
             raise VfioError(self.name, "joining the VM's IOMMU space", errno.EINVAL, _MIXED_APIS)
-        assert self._group is not None and isinstance(self.iommu, Type1Container)
-        os.close(self.fd)
-        self.fd = -1
-        try:
-            self.iommu.remove(self._group)
-        except VfioError as e:
-            self.fd = self._group_device_fd()
-            if e.errno != errno.EBUSY:
-                raise
-            raise VfioError(
-                self.name, "moving its IOMMU group to another IOMMU space", errno.EBUSY, _HELD_ELSEWHERE
-            ) from None
-        try:
-            iommu.add(self._group)
-        except BaseException:
-            self.iommu.add(self._group)
-            self.fd = self._group_device_fd()
-            raise
-        self.iommu = iommu
-        self.fd = self._group_device_fd()
-        return True
+        assert self.group is not None
+        return self.group.move(self, iommu)
 
     # queries
     def _device_info(self) -> Any:
@@ -488,7 +584,7 @@ class VfioDevice:
         Every function the reset reaches must be ours: through the group fd
         we hold (legacy) or, for a cdev, bound to our iommufd (count 0).
         """
-        group_fds = [self._group] if self._group is not None else []
+        group_fds = [self.group.fd] if self.group is not None else []
         size = ffi.sizeof("struct vfio_pci_hot_reset") + 4 * len(group_fds)
         buffer = ffi.new("char[]", size)
         request = ffi.cast("struct vfio_pci_hot_reset *", buffer)
@@ -521,14 +617,15 @@ class VfioDevice:
             ]
 
     def close(self) -> None:
-        """The device fd, then its group (which leaves whatever container it is in), then its home."""
-        for fd in (self.fd, self._group):
-            if fd is not None and fd >= 0:
-                os.close(fd)
-        self.fd, self._group = -1, None
-        if self.home is not None:
+        """The device fd, then its group's share (the last function closes the group) or its IOAS."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.group is not None:
+            self.group.detach(self)
+        elif self.home is not None:
             self.home.close()
-            self.home = None
+        self.group = self.home = None
 
 
 def grow_noresize(

@@ -1,7 +1,7 @@
 """Real kernel VFIO: the daemon against vfio-pci inside a TCG guest with an emulated IOMMU.
 
 The guest (Debian 13 kernel, ``intel-iommu,caching-mode=on``) gets QEMU's
-two ``edu`` (one VM's devices), a ``virtio-net-pci`` with ATS behind a PCIe root port and an
+four ``edu`` (two for one VM, two sharing a group behind a PCI bridge), a ``virtio-net-pci`` with ATS behind a PCIe root port and an
 ``igb`` (ARI, SR-IOV) behind another; the host's root is shared read-only
 over 9p so the guest runs this checkout with the host's Python. There,
 ``tests/guest/vfio_guest.py`` binds the devices to vfio-pci, serves them with
@@ -25,7 +25,17 @@ from tests.guest.test_guest_lspci import guest_files
 
 MODULES = "irqbypass vfio vfio_iommu_type1 vfio-pci-core vfio-pci netfs 9pnet 9pnet_virtio 9p"
 # Two edu functions for one VM; a 32-bit DMA mask (edu's default is 28 bits) reaches the BARs below 4 GiB.
-EDUS = ("-device", "edu,addr=04.0,dma_mask=0xffffffff", "-device", "edu,addr=07.0,dma_mask=0xffffffff")
+# Two more behind a conventional PCI bridge, which share an IOMMU group.
+EDUS = (
+    *["-device", "edu,addr=04.0,dma_mask=0xffffffff", "-device", "edu,addr=07.0,dma_mask=0xffffffff"],
+    *["-device", "pci-bridge,id=br0,chassis_nr=3,addr=08.0"],
+    *[
+        "-device",
+        "edu,bus=br0,addr=01.0,dma_mask=0xffffffff",
+        "-device",
+        "edu,bus=br0,addr=02.0,dma_mask=0xffffffff",
+    ],
+)
 REPORT = Path(__file__).parents[2] / ".cache" / "real-vfio-report.json"
 
 
@@ -130,6 +140,7 @@ CHECKS = [
     "eacces",
     "memlock",
     "vm-space",
+    "group",
     "lingering-fd",
     "enotty",
     "compare-edu",

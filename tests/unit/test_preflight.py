@@ -393,7 +393,10 @@ def test_devices_text_and_json(machine: Machine, capsys: pytest.CaptureFixture[s
     gpu = next(line for line in lines if line.startswith(GPU))
     assert gpu.split()[:6] == [GPU, "10de:2330", "030200", "vfio-pci", "group", "12"]
     assert "NOT viable" in gpu and "nvidia/config-mirrors" in gpu
-    assert f"group 12 also holds {AUDIO} (snd_hda_intel)" in lines[lines.index(gpu) + 1]
+    assert (
+        f"group 12 also holds {AUDIO} (snd_hda_intel): they go to one VM together"
+        in lines[lines.index(gpu) + 1]
+    )
     assert run("devices", "--json", "--sysfs", machine.sysfs.root) == 0
     listed = {d["bdf"]: d for d in json.loads(capsys.readouterr().out)}
     assert listed[GPU]["group_blockers"] == [{"bdf": AUDIO, "driver": "snd_hda_intel"}]
