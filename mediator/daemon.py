@@ -41,7 +41,7 @@ from mediator.backends.sysfs import DeviceNotReady
 from mediator.backends.vfio import VfioBackend
 from mediator.errors import InputErrors
 from mediator.fabric import Fabric, FabricError
-from mediator.handoff import HandOff, HandOffReason, HandOffRecord, Owner
+from mediator.handoff import OK, HandOff, HandOffReason, HandOffRecord, Owner
 from mediator.metrics.exporters import serve_metrics, write_textfile_periodically
 from mediator.metrics.series import Metrics
 from mediator.pci.chain import ChainError
@@ -104,14 +104,25 @@ class ManagedDevice:
         self._lock = threading.Lock()  # admit, release and reload take turns
         self._vm: VmId | None = None  # the client VM holding the device; None while no client is admitted
         self._pending: tuple[DeviceSpec, DevicePlan] | None = None  # a reload waiting for the client to go
+        # Handed off without a reset while a function of its IOMMU group had a client: the group's
+        # last function to leave resets it (set before that hand-off starts, read without the lock).
+        self._reset_waits = False
 
     @property
     def owner(self) -> Owner:
         return Owner(self.spec.name, self.spec.bdf, self.spec.tenant)
 
-    def _hand_off(self, reason: HandOffReason, owner: Owner | None = None, detail: str = "") -> HandOffRecord:
+    def _hand_off(
+        self, reason: HandOffReason, owner: Owner | None = None, detail: str = "", not_now: str | None = None
+    ) -> HandOffRecord:
         return self._daemon.handoff.run(
-            self.device, owner or self.owner, reason, self.spec.reset, detail, concluded=self._handed_off
+            self.device,
+            owner or self.owner,
+            reason,
+            self.spec.reset,
+            detail,
+            concluded=self._handed_off,
+            not_now=not_now,
         )
 
     def _handed_off(self, record: HandOffRecord) -> None:
@@ -234,12 +245,56 @@ class ManagedDevice:
     def _after_client(self, requests: int) -> None:
         fabric = self._daemon.fabric
         if requests or (fabric is not None and fabric.holds(self.spec.name)):
-            self._hand_off(HandOffReason.CLIENT_GONE)  # its first step takes the device out of the VM
+            # Its first step takes the device out of the VM. A function of an IOMMU group is reset
+            # with its group: by the last of them to leave, once, so that no reset hits a group-mate
+            # under its client.
+            mates = self._group_mates()
+            serving = [mate.spec.name for mate in mates if mate._vm is not None]
+            if serving:
+                self._reset_waits = True
+                why = (
+                    f"{', '.join(serving)}, of its IOMMU group, still has a client: the group is reset later"
+                )
+                self._hand_off(HandOffReason.CLIENT_GONE, not_now=why)
+            else:
+                self._reset_group(mates, self._hand_off(HandOffReason.CLIENT_GONE))
         else:  # it never spoke and holds no partition: the device is as it was, once back home
             self.device.move_to(self.device.backend.home)
         self._daemon.state.session_ended(self.spec.name)
         if self._pending is not None:
             self._adopt(*self._pending)
+
+    def _group_mates(self) -> list[ManagedDevice]:
+        group = self.device.backend.iommu_group
+        if group is None:
+            return []
+        return [m for m in self._daemon.managed if m is not self and m.device.backend.iommu_group == group]
+
+    def _reset_group(self, mates: list[ManagedDevice], record: HandOffRecord) -> None:
+        """After this function's hand-off, the group-mates whose reset waited for it get theirs."""
+        waiting = [mate for mate in mates if mate._reset_waits]
+        if not waiting:
+            return
+        reset = next((step for step in record.steps if step.name == "reset"), None)
+        reached: set[str] = set()
+        if reset is not None and reset.result == OK and reset.detail.startswith("bus reset"):
+            with contextlib.suppress(BackendError):
+                reached = set(self.device.backend.bus_reset_reaches())
+        for mate in waiting:
+            covered = (
+                f"covered by the bus reset in {self.spec.name}'s hand-off"
+                if mate.spec.bdf in reached
+                else None
+            )
+            mate.reset_with_group(covered)
+
+    def reset_with_group(self, covered: str | None) -> None:
+        """The hand-off this function's reset waited for: none again when ``covered`` says it was reset."""
+        with self._lock, structlog.contextvars.bound_contextvars(device=self.spec.name):
+            if not self._reset_waits or self._vm is not None:
+                return
+            self._reset_waits = False
+            self._hand_off(HandOffReason.GROUP_RESET, not_now=covered)
 
     def reconfigure(self, spec: DeviceSpec, plan: DevicePlan) -> str:
         """Take a reloaded spec and plan, now when idle, else when the client goes."""
@@ -311,9 +366,10 @@ class Daemon:
                     daemon.failed[spec.name] = str(e)
                     log.error("device not served", why=str(e))
                     continue
-                managed = ManagedDevice(spec, device, daemon)
-                managed.start(left.get(spec.name))
-                daemon.managed.append(managed)
+                daemon.managed.append(ManagedDevice(spec, device, daemon))
+        for managed in daemon.managed:  # all open first: a bus reset may cover an IOMMU group's functions
+            with structlog.contextvars.bound_contextvars(device=managed.spec.name):
+                managed.start(left.get(managed.spec.name))
         if fabric is not None:
             fabric.recover(state.fabric_active())
         return daemon

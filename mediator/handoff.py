@@ -4,10 +4,12 @@ Run when the daemon starts, when a client goes, and on demand (``vfio-mediator
 scrub``). The steps, in order, each timed and recorded:
 
   release    the DMA mappings and eventfds the client left go
-  reset      a secondary bus reset when the policy prefers it and the function
-             is alone on its bus (an FLR can leave stale firmware state), else
-             a function reset; a device with no reset method fails here unless
-             its config opts out (reset = "none")
+  reset      a secondary bus reset when the policy prefers it and it reaches
+             nothing but the function and idle functions of its IOMMU group
+             (an FLR can leave stale firmware state), else a function reset;
+             a device with no reset method fails here unless its config opts
+             out (reset = "none"); a function whose IOMMU group-mate still has
+             a client waits for the group's reset (``not_now``)
   config     identity, capability layout and BAR types read back as before
   isolation  the policy's post-reset writes (NVLink link disable...), verified
   rom        the expansion ROM is well formed, for this vendor, and on the
@@ -55,6 +57,7 @@ class HandOffReason(StrEnum):
     BLOCKED = "before serving a blocked device"
     CONFIG_RELOADED = "config reloaded"
     ON_DEMAND = "on demand"
+    GROUP_RESET = "its IOMMU group was handed off"
 
 
 class StepFailed(Exception):
@@ -146,10 +149,12 @@ class HandOff:
         detail: str = "",
         *,
         concluded: Callable[[HandOffRecord], None] | None = None,
+        not_now: str | None = None,
     ) -> HandOffRecord:
         """Every step; on a failure the device is blocked and quarantined.
 
-        ``reset`` overrides the policy's reset mode for this device; ``detail`` goes after the reason.
+        ``reset`` overrides the policy's reset mode for this device; ``detail`` goes after the reason;
+        ``not_now`` says why the hardware is not reset in this hand-off (its IOMMU group's is).
         ``concluded`` runs once the device is unblocked or quarantined and before the audit line
         announces the result, so that whoever acts on that line finds the metrics and state it implies.
         """
@@ -160,7 +165,7 @@ class HandOff:
         )
         steps: list[tuple[str, Callable[[], str]]] = [
             ("release", lambda: _release(device)),
-            ("reset", lambda: _reset(device, reset or self.policy.reset)),
+            ("reset", lambda: _reset(device, reset or self.policy.reset, not_now)),
             ("config", lambda: _config_as_before(device)),
             ("isolation", lambda: _isolation(device)),
             ("rom", lambda: _rom(device, frozenset(h.lower() for h in self.policy.rom_sha256))),
@@ -235,10 +240,10 @@ def _timed(name: str, action: Callable[[], str]) -> Step:
     return Step(name, result, detail, round(time.monotonic() - clock, 3))
 
 
-def _reset(device: HandedOff, mode: ResetMode) -> str:
-    if mode == "none":
+def _reset(device: HandedOff, mode: ResetMode, not_now: str | None) -> str:
+    if mode == "none" or not_now:
         device.restore_shadow()
-        raise _Skip('the config says this device is not reset between tenants (reset = "none")')
+        raise _Skip(not_now or 'the config says this device is not reset between tenants (reset = "none")')
     return device.reset_hardware(bus=mode == "bus")
 
 

@@ -60,6 +60,11 @@ class Backend(Protocol):
     home: IommuSpace  # where the device's DMA goes while no client holds it: nowhere
     peer_dma: str | None  # why peers' DMA to its BARs cannot be mapped; None when it can
 
+    @property
+    def iommu_group(self) -> int | None:
+        """The IOMMU group it shares with other functions the daemon serves; None when alone."""
+        ...
+
     def read_config(self, offset: int, length: int) -> bytes: ...
 
     def write_config(self, offset: int, data: bytes) -> None: ...
@@ -98,7 +103,14 @@ class Backend(Protocol):
         ...
 
     def bus_reset_obstacle(self) -> str | None:
-        """Why a secondary bus reset of this function alone is impossible; None when it is possible."""
+        """Why a secondary bus reset is impossible now; None when it is possible.
+
+        Possible when it resets nothing but this function and idle functions of its IOMMU group.
+        """
+        ...
+
+    def bus_reset_reaches(self) -> tuple[str, ...]:
+        """The other functions (BDFs) a bus reset of this one resets too."""
         ...
 
     def bus_reset(self) -> None: ...

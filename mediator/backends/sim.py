@@ -125,6 +125,7 @@ class SimBackend:
         )
         self.space = self.home
         self.peer_dma: str | None = None
+        self.iommu_group: int | None = None
 
     # config space
     def _check_config(self, offset: int, length: int) -> None:
@@ -348,6 +349,9 @@ class SimBackend:
 
     def bus_reset_obstacle(self) -> str | None:
         return None if "bus" in self.profile.resets else "the profile has no bus reset"
+
+    def bus_reset_reaches(self) -> tuple[str, ...]:
+        return ()
 
     def bus_reset(self) -> None:
         """A secondary bus reset; to the simulator the same as a function reset."""

@@ -489,16 +489,15 @@ class VfioDevice:
 
     def move_to(self, iommu: object) -> bool:
         """Put the device into ``iommu``'s context; True when that reopened (and so reset) the device."""
-        if iommu is self.iommu:
-            return False
-        if isinstance(self.home, Ioas):
+        if self.group is None:
             if not isinstance(iommu, Ioas):
                 raise VfioError(self.name, "joining the VM's IOMMU space", errno.EINVAL, _MIXED_APIS)
-            self._attach(iommu)
+            if iommu is not self._ioas:
+                self._attach(iommu)
             return False
         if not isinstance(iommu, Type1Container):
             raise VfioError(self.name, "joining the VM's IOMMU space", errno.EINVAL, _MIXED_APIS)
-        assert self.group is not None
+        # Always through the group, even when it is there already: it must know who holds it there.
         return self.group.move(self, iommu)
 
     # queries
@@ -780,15 +779,25 @@ class VfioBackend:
     def reset(self) -> None:
         self.device.reset()
 
+    @property
+    def iommu_group(self) -> int | None:
+        group = self.device.group
+        return group.number if group is not None and len(group.devices) > 1 else None
+
     def bus_reset_obstacle(self) -> str | None:
         try:
-            reached = self.device.hot_reset_devices()
+            reached = self.bus_reset_reaches()
         except VfioError as e:
             return f"the kernel offers no bus or slot reset ({errno.errorcode.get(e.errno, e.errno)})"
-        others = [bdf for bdf in reached if bdf != self.function.bdf]
+        group = self.device.group
+        idle_mates = {d.name for d in group.devices} - set(group.held) if group is not None else set()
+        others = [bdf for bdf in reached if bdf not in idle_mates]
         if others:
             return "a bus reset would also reset " + ", ".join(others)
         return None
+
+    def bus_reset_reaches(self) -> tuple[str, ...]:
+        return tuple(bdf for bdf in self.device.hot_reset_devices() if bdf != self.function.bdf)
 
     def bus_reset(self) -> None:
         self.device.bus_reset()
