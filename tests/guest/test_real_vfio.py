@@ -57,12 +57,12 @@ def paths_to_keep_under_tmp(paths: list[Path]) -> list[Path]:
     return kept
 
 
-def in_guest_script() -> str:
+def in_guest_script(module: str) -> str:
     home, cache = Path.home().resolve(), cached_testbed()
     run = (
         f"cd {ROOT} && exec /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME={home} "
         f"VFIO_MEDIATOR_CACHE={cache} TMPDIR=/tmp PYTHONDONTWRITEBYTECODE=1 "
-        f"{sys.executable} -m tests.guest.vfio_guest"
+        f"{sys.executable} -m {module}"
     )
     # The guest's /tmp is its own tmpfs; a checkout, a home or a testbed
     # cache under the host's /tmp is bound back into it, read-only like the
@@ -80,34 +80,19 @@ def in_guest_script() -> str:
     )
 
 
-@pytest.fixture(scope="module")
-def results() -> dict[str, dict[str, Any]]:
+def run_in_guest(module: str, devices: tuple[str, ...] = EDUS) -> str:
+    """Boot the real-VFIO guest with ``devices`` beside the NIC and igb, run ``python -m module``
+    there on this checkout, and return the serial console's output."""
     guest = guest_files()
-    command = base64.b64encode(in_guest_script().encode()).decode()
-    output = subprocess.run(
+    command = base64.b64encode(in_guest_script(module).encode()).decode()
+    return subprocess.run(
         [
             qemu_binary(),
-            *[
-                "-machine",
-                "q35",
-                "-accel",
-                "tcg",
-                "-cpu",
-                "max",
-                "-m",
-                "2G",
-                "-smp",
-                "1",
-                "-display",
-                "none",
-                "-nodefaults",
-                "-serial",
-                "stdio",
-                "-no-reboot",
-            ],
+            *["-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", "2G", "-smp", "1"],
+            *["-display", "none", "-nodefaults", "-serial", "stdio", "-no-reboot"],
             *["-kernel", str(guest / "vmlinuz"), "-initrd", str(guest / "initrd.gz")],
             *["-append", f"console=ttyS0 quiet panic=-1 intel_iommu=on tb.cmd={command}"],
-            *["-device", "intel-iommu,caching-mode=on", *EDUS],
+            *["-device", "intel-iommu,caching-mode=on", *devices],
             *["-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1,addr=05.0"],
             *["-device", "virtio-net-pci,bus=rp1,ats=on,disable-legacy=on"],
             *["-device", "pcie-root-port,id=rp2,bus=pcie.0,chassis=2,addr=06.0", "-device", "igb,bus=rp2"],
@@ -118,6 +103,11 @@ def results() -> dict[str, dict[str, Any]]:
         timeout=900,
         check=False,
     ).stdout
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, dict[str, Any]]:
+    output = run_in_guest("tests.guest.vfio_guest")
     found = {}
     for line in output.splitlines():
         if line.startswith("RESULT "):
