@@ -123,13 +123,31 @@ def mmio_dma(bar: mmap.mmap, source: int, destination: int, count: int, command:
         time.sleep(0.01)
 
 
+def connect_when_free(sock: Path) -> Client:
+    """A client for a device whose previous (refused) session may still be closing: a device takes
+    one client at a time, so a second one is turned away until then."""
+    deadline = time.monotonic() + 30
+    while True:
+        raw = socket.socket(socket.AF_UNIX)
+        raw.connect(str(sock))
+        client = Client(raw)
+        try:
+            if client.version().ok:
+                return client
+        except OSError:
+            pass
+        raw.close()
+        assert time.monotonic() < deadline, f"{sock} never took a client"
+        time.sleep(0.2)
+
+
 def leave_one_by_one(served: DaemonProcess, sockets: list[Path]) -> dict[str, object]:
     """One VM (this process) holds both functions of a group, with an interrupt on the second;
     the first leaves, and the second must keep its IOMMU space and its interrupt state."""
     memory = os.memfd_create("guest-ram")
     os.ftruncate(memory, 2 << 20)
     eventfd = os.eventfd(0, os.EFD_NONBLOCK)
-    first, second = connect(sockets[0]), connect(sockets[1])
+    first, second = connect_when_free(sockets[0]), connect_when_free(sockets[1])
     try:
         assert second.region_write(7, 0x04, b"\x06\x00").ok
         assert second.set_irqs(0, 0x24, 0, 1, fds=[eventfd]).ok  # INTx: EVENTFD | TRIGGER
