@@ -164,7 +164,7 @@ class IommuSpace:
             self._carrier_of[id(mapping)] = mapping
             if not mapping.backed:
                 try:
-                    self._resolve(mapping, refusing=True)
+                    self._resolve(mapping, self._bars(), refusing=True)
                 except DmaError:
                     self._unresolve(mapping)
                     self._carriers.remove([mapping])
@@ -239,21 +239,17 @@ class IommuSpace:
         self._notify()
 
     def _refresh(self) -> None:
+        bars = self._bars()  # read once: each member's are its config registers
         for carrier in self._carriers.mappings():
             if not carrier.backed:
-                self._resolve(carrier, refusing=False)
+                self._resolve(carrier, bars, refusing=False)
 
-    def _targets(self, mapping: DmaMapping) -> list[tuple[Peer, PeerBar]]:
-        return [
-            (member, bar)
-            for member in self._members
-            for bar in member.peer_bars()
-            if bar.start < mapping.end and mapping.iova < bar.start + bar.size
-        ]
+    def _bars(self) -> list[tuple[Peer, PeerBar]]:
+        return [(member, bar) for member in self._members for bar in member.peer_bars()]
 
-    def _resolve(self, carrier: DmaMapping, *, refusing: bool) -> None:
-        """Make the carrier's peer mappings what the BARs say now; ``refusing``: a bad span is EINVAL."""
-        targets = self._targets(carrier)
+    def _resolve(self, carrier: DmaMapping, bars: list[tuple[Peer, PeerBar]], *, refusing: bool) -> None:
+        """Make the carrier's peer mappings what ``bars`` say now; ``refusing``: a bad span is EINVAL."""
+        targets = [(m, b) for m, b in bars if b.start < carrier.end and carrier.iova < b.start + b.size]
         wanted: dict[_PeerKey, tuple[Peer, PeerBar, int, int]] = {}
         if (
             len(targets) == 1

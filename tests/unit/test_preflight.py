@@ -57,6 +57,10 @@ class Machine:
         return {f.check: f for f in findings}
 
 
+# Every check doctor makes, in the order it prints them.
+DOCTOR_CHECKS = ("function", "driver", "iommu", "vfio-api", "p2p", "reset", "rom", "ats", "acs", "memlock")
+
+
 @pytest.fixture
 def machine(tmp_path: Path) -> Machine:
     return Machine(tmp_path)
@@ -70,21 +74,7 @@ def test_a_vfio_bound_gpu_in_a_viable_group_passes_every_check(machine: Machine)
     machine.gpu()
     machine.sysfs.add(AUDIO, profile("h100-sxm5").image, parent=PORT, driver="vfio-pci", group=12)
     findings = machine.doctor(guest_ram=64 << 30)
-    assert severities(findings) == {
-        check: "ok"
-        for check in (
-            "function",
-            "driver",
-            "iommu",
-            "vfio-api",
-            "p2p",
-            "reset",
-            "rom",
-            "ats",
-            "acs",
-            "memlock",
-        )
-    }
+    assert severities(findings) == {check: "ok" for check in DOCTOR_CHECKS}
     assert findings["function"].found.startswith(f"{GPU} 10de:2330")
     assert findings["driver"].found == "bound to vfio-pci"
     assert findings["iommu"].found == f"group 12 is viable: {GPU} (vfio-pci), {AUDIO} (vfio-pci)"
@@ -352,18 +342,7 @@ def test_doctor_prints_one_line_per_check_and_exits_1_on_an_error(
     assert lines[0].startswith(f"ok       function  {GPU} 10de:2330")
     assert lines[1] == "error    driver    bound to nvidia, not vfio-pci: the daemon refuses the function"
     assert lines[2].startswith("         fix: modprobe vfio-pci; echo vfio-pci > ")
-    assert [line.split()[1] for line in lines if not line.startswith(" ")] == [
-        "function",
-        "driver",
-        "iommu",
-        "vfio-api",
-        "p2p",
-        "reset",
-        "rom",
-        "ats",
-        "acs",
-        "memlock",
-    ]
+    assert [line.split()[1] for line in lines if not line.startswith(" ")] == list(DOCTOR_CHECKS)
 
 
 def test_warnings_do_not_fail_doctor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
