@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 
@@ -25,3 +27,13 @@ def number(pattern: str, text: str) -> float:
     if not found:
         raise SystemExit(f"unexpected output: {text!r}")
     return float(found.group(1))
+
+
+def guest_figures(output: str) -> list[dict[str, Any]]:
+    """The ``FIGURE {...}`` lines a guest half printed, which must end with ``{"case": "done"}``."""
+    figures = [
+        json.loads(line[len("FIGURE ") :]) for line in output.splitlines() if line.startswith("FIGURE ")
+    ]
+    if not figures or figures[-1].get("case") != "done":
+        raise SystemExit(f"the guest did not finish:\n{output[-3000:]}")
+    return figures

@@ -16,8 +16,7 @@ them in.
 
 from __future__ import annotations
 
-import json
-
+from bench.tools import guest_figures
 from tests.guest.test_real_vfio import run_in_guest
 
 FUNCTIONS = tuple(
@@ -30,12 +29,7 @@ WIDTHS = (7, 15, 8, 18, 8, 9)
 
 
 def main() -> None:
-    output = run_in_guest("bench.vm_dma_map_guest", FUNCTIONS)
-    figures = [
-        json.loads(line[len("FIGURE ") :]) for line in output.splitlines() if line.startswith("FIGURE ")
-    ]
-    if not figures or figures[-1].get("case") != "done":
-        raise SystemExit(f"the guest did not finish:\n{output[-3000:]}")
+    figures = guest_figures(run_in_guest("bench.vm_dma_map_guest", FUNCTIONS))
     floor = next(f["seconds"] for f in figures if f.get("case") == "floor")
     print(f"floor (an fd-less DMA_MAP round trip): {floor * 1e6:.0f} us")
     columns = ("devices", "pinned once (s)", "/floor", "pinned by each (s)", "/floor", "each/once")

@@ -18,7 +18,6 @@ parameters so tests can point them at trees of their own.
 from __future__ import annotations
 
 import errno
-import re
 import resource
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mediator.backends import advice
+from mediator.backends.pinning import has_cap_ipc_lock
 from mediator.backends.sysfs import Members, driver_of, group_blockers, iommu_group_of, is_vfio_driver
 from mediator.pci import capabilities as caps
 from mediator.pci.address import BDF, AddressError, normalize_bdf
@@ -53,7 +53,6 @@ ACS_CONTROL = 0x06
 # Source Validation, Request and Completion Redirect, Upstream Forwarding: what the kernel's
 # pci_acs_enabled asks of every port above a function before it isolates the function's group.
 ACS_ISOLATION = {0x01: "SV", 0x04: "RR", 0x08: "CR", 0x10: "UF"}
-CAP_IPC_LOCK = 14
 
 Severity = Literal["ok", "warning", "error"]
 
@@ -382,20 +381,11 @@ def _acs(device: Path) -> Finding:
     )
 
 
-def _has_cap_ipc_lock(proc: Path) -> bool:
-    try:
-        status = (proc / "self/status").read_text()
-    except OSError:
-        return False
-    effective = re.search(r"^CapEff:\s*([0-9a-f]+)$", status, re.MULTILINE)
-    return effective is not None and bool(int(effective.group(1), 16) >> CAP_IPC_LOCK & 1)
-
-
 def _memlock(guest_ram: int | None, proc: Path) -> Finding:
     # Doctor sees its own limit; the daemon's comes from its unit (LimitMEMLOCK=), so say whose.
     soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     limit = "unlimited" if soft == resource.RLIM_INFINITY else format_size(soft)
-    if _has_cap_ipc_lock(proc):
+    if has_cap_ipc_lock(proc):
         return Finding("ok", "memlock", "this process has CAP_IPC_LOCK: pinning guest RAM is not limited")
     if guest_ram is None:
         return Finding(

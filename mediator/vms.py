@@ -44,18 +44,27 @@ def vm_of(pid: int, proc: Path = Path("/proc")) -> VmId:
         return VmId(pid, 0)
 
 
+@dataclass(frozen=True)
+class VmFigures:
+    """A VM's devices and what its IOMMU space holds, each mapping counted once."""
+
+    devices: int
+    mappings: int
+    pinned_bytes: int
+    pending_bytes: int  # mapped, still being pinned
+    peer_mappings: int
+
+
 class VmEvents(Protocol):
     """Where a VM's devices and IOMMU space are reported (``mediator.metrics.series.Metrics``)."""
 
-    def vm_changed(
-        self, vm: str, devices: int, mappings: int, pinned_bytes: int, peer_mappings: int
-    ) -> None: ...
+    def vm_changed(self, vm: str, space: VmFigures) -> None: ...
 
     def vm_gone(self, vm: str) -> None: ...
 
 
 class _Unreported:
-    def vm_changed(self, vm: str, devices: int, mappings: int, pinned_bytes: int, peer_mappings: int) -> None:
+    def vm_changed(self, vm: str, space: VmFigures) -> None:
         """Nobody asked."""
 
     def vm_gone(self, vm: str) -> None:
@@ -109,4 +118,5 @@ class Vms:
             if self._spaces.get(vm) is not space:  # a late change of a VM that has gone
                 return
             devices = len(self._devices[vm])
-        self.events.vm_changed(str(vm), devices, len(space), space.pinned_bytes, space.peer_mappings)
+        figures = VmFigures(devices, len(space), space.pinned_bytes, space.pending_bytes, space.peer_mappings)
+        self.events.vm_changed(str(vm), figures)

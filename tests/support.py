@@ -19,7 +19,10 @@ from typing import Any
 from mediator.backends.base import IrqCounts
 from mediator.backends.profile import Behaviour, Profile, load_profile, shipped_profiles
 from mediator.backends.sim import SimBackend
+from mediator.backends.space import IommuSpace
+from mediator.pci.registers import COMMAND, COMMAND_MASTER
 from mediator.quirks.table import QuirkTable
+from mediator.vfio_abi import CONFIG_REGION
 from mediator.virt.device import VirtualDevice
 from mediator.virt.errors import DeviceError
 from mediator.virt.plan import DeviceContext
@@ -67,6 +70,14 @@ def device(
     with contextlib.suppress(DeviceError):  # blocked, as the daemon would leave it
         dev.apply_post_reset_writes()
     return dev, backend
+
+
+def h100_in(space: IommuSpace) -> VirtualDevice:
+    """A simulated H100 in ``space`` (a client's VM) whose guest driver has turned bus mastering on."""
+    dev, _ = device("h100-sxm5")
+    dev.move_to(space)
+    dev.write_region(CONFIG_REGION, COMMAND, COMMAND_MASTER.to_bytes(2, "little"))
+    return dev
 
 
 def write_table(folder: Path, text: str, name: str = "operator.toml") -> Path:

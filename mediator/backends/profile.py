@@ -35,7 +35,8 @@ A profile is a TOML file::
     reset_seconds = 6.0                     # every reset takes this long
     reset_fails = true                      # every reset fails with EIO
     config_read_eio = [0x40]                # guest-sized config reads (<= 8 bytes) covering these fail
-    dma_map_fails = true                    # every DMA map fails
+    dma_map_fails = true                    # every DMA map of guest memory fails to pin
+    dma_map_seconds_per_gib = 20.0          # pinning guest memory takes this long per GiB
 
     [[behaviours]]                          # what the simulated hardware does
     kind = "config-mirror"                  # BAR window that reads/writes the real config space
@@ -140,7 +141,9 @@ class FaultSpec(Struct, forbid_unknown_fields=True, frozen=True):
     reset_fails: bool = False  # every reset fails with EIO
     # Offsets whose guest-sized (<= 8 byte) config reads fail with EIO.
     config_read_eio: list[Annotated[int, Meta(ge=0, le=0xFFF)]] = field(default_factory=list)
-    dma_map_fails: bool = False  # every DMA map fails (as a full IOMMU answers)
+    dma_map_fails: bool = False  # every DMA map fails to pin (as a full IOMMU or low memlock answers)
+    # Pinning guest memory (DMA maps with an fd) takes this long per GiB, as on a slow host.
+    dma_map_seconds_per_gib: Annotated[float, Meta(ge=0, le=3600)] = 0.0
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,7 @@ class Faults:
     reset_fails: bool = False
     config_read_eio: frozenset[int] = frozenset()
     dma_map_fails: bool = False
+    dma_map_seconds_per_gib: float = 0.0
 
 
 class ProfileSpec(Struct, forbid_unknown_fields=True, frozen=True):
@@ -324,6 +328,7 @@ def load_profile(path: Path, source: str | None = None) -> Profile:
             spec.faults.reset_fails,
             frozenset(spec.faults.config_read_eio),
             spec.faults.dma_map_fails,
+            spec.faults.dma_map_seconds_per_gib,
         ),
         irqs=irqs,
         behaviours=behaviours,

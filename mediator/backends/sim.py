@@ -21,7 +21,7 @@ simulator never offers them for mmap, so every access reaches it):
   +0x10 count, +0x18 command: bit 0 start, bit 1 BAR-to-guest, bit 2 raise
   vector 0 when done); a start copies between the BAR and guest memory at
   once, through the IOMMU space the device is in, and clears the start bit
-  (bit 8 reports a fault).
+  (bit 8 reports a fault: also when Bus Master Enable is off).
 
 Interrupts follow VFIO_DEVICE_SET_IRQS as vfio-pci implements them: eventfd
 triggers per vector, INTx automasked until unmasked, mask and unmask with a
@@ -38,10 +38,10 @@ from collections.abc import Sequence
 
 from mediator.backends.base import BackendError, IrqInfo, RegionInfo
 from mediator.backends.dma import DmaError, DmaMapping
-from mediator.backends.profile import Behaviour, Profile
+from mediator.backends.profile import Behaviour, Faults, Profile
 from mediator.backends.space import IommuSpace
 from mediator.pci.bars import BarType
-from mediator.pci.registers import Identity
+from mediator.pci.registers import COMMAND, COMMAND_MASTER, Identity
 from mediator.pci.rom import build_rom
 from mediator.vfio_abi import (
     IRQ_COUNT,
@@ -86,14 +86,23 @@ class SimulatedFault(BackendError):
     """A failure the profile's ``[faults]`` asked for."""
 
 
-class _FailingIommu:
-    """An IOMMU that refuses every map, for ``dma_map_fails``."""
+class _SimulatedIommu:
+    """An IOMMU whose pins are slow or fail, for the ``dma_map_*`` faults; DMA still goes by the tables."""
 
-    def map(self, mapping: DmaMapping) -> None:
-        raise SimulatedFault("DMA map: Input/output error (injected)")
+    def __init__(self, faults: Faults) -> None:
+        self.faults = faults
 
-    def unmap(self, mapping: DmaMapping) -> None:
-        """Nothing was mapped."""
+    def map(self, mapping: DmaMapping, offset: int, size: int) -> None:
+        if mapping.backed:  # only guest memory is pinned; a peer's BAR is mapped at once
+            time.sleep(self.faults.dma_map_seconds_per_gib * size / (1 << 30))
+            if self.faults.dma_map_fails:
+                raise SimulatedFault("DMA map: Input/output error (injected)")
+
+    def unmap(self, iova: int, size: int) -> None:
+        """Nothing to undo."""
+
+    def refusal(self, size: int) -> str | None:
+        return None  # nothing is pinned
 
     def close(self) -> None:
         """Nothing to close."""
@@ -120,9 +129,7 @@ class SimBackend:
         }
         self._irqs = {index: [_IrqLine() for _ in range(counts[index])] for index in range(IRQ_COUNT)}
         self._resample_fd: int | None = None
-        self.home = IommuSpace(
-            f"{profile.name}'s home", _FailingIommu() if profile.faults.dma_map_fails else None
-        )
+        self.home = IommuSpace(f"{profile.name}'s home", self._iommu())
         self.space = self.home
         self.peer_dma: str | None = None
         self.iommu_group: int | None = None
@@ -260,6 +267,8 @@ class SimBackend:
         source, destination, count = register(0), register(1), register(2)
         command &= ~(DMA_START | DMA_FAULT)
         try:
+            if not int.from_bytes(self.config[COMMAND : COMMAND + 2], "little") & COMMAND_MASTER:
+                raise DmaError(0, "bus mastering is off")  # a function without it issues no requests
             if count > DMA_MAX:
                 raise DmaError(0, "transfer too long")
             if command & DMA_TO_GUEST:
@@ -341,9 +350,13 @@ class SimBackend:
                 return
 
     # DMA
+    def _iommu(self) -> _SimulatedIommu | None:
+        faults = self.profile.faults
+        return _SimulatedIommu(faults) if faults.dma_map_fails or faults.dma_map_seconds_per_gib else None
+
     def enter(self, space: IommuSpace) -> bool:
-        if self.profile.faults.dma_map_fails and space.iommu is None:
-            space.iommu = _FailingIommu()  # the space's IOMMU is full: no device of it maps anything
+        if space.iommu is None:
+            space.iommu = self._iommu()  # the first device sets the VM's IOMMU, as a real one's does
         self.space = space
         return False
 

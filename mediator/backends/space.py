@@ -33,9 +33,14 @@ BARs, or a BAR and anything else, is refused (EINVAL): QEMU gives each BAR
 its own memory region, so only a hostile client sends one.
 
 The kernel side is the space's ``Iommu`` (a type1 container, an iommufd
-IOAS). The simulator has none and reads and writes guest memory through the
-space's tables, as a real device's DMA goes through the IOMMU's. The devices
-of one VM are served from their own session threads, hence the lock.
+IOAS), into which guest memory is pinned in the background
+(``backends.pinning``): the space is *ready* once every mapping is pinned,
+and tells its members when that changes, or when a pin failed. The
+simulator has no IOMMU unless a fault asks for one, and reads and writes
+guest memory through the space's tables, as a real device's DMA goes
+through the IOMMU's: memory not pinned yet faults. The devices of one VM
+are served from their own session threads, and the pinner has its own,
+hence the lock.
 """
 
 from __future__ import annotations
@@ -50,18 +55,9 @@ from typing import Protocol
 import structlog
 
 from mediator.backends.dma import DmaError, DmaMapping, DmaTable, release
+from mediator.backends.pinning import Iommu, Pinner
 
 log = structlog.get_logger("mediator.backends")
-
-
-class Iommu(Protocol):
-    """The kernel's translation for one space."""
-
-    def map(self, mapping: DmaMapping) -> None: ...
-
-    def unmap(self, mapping: DmaMapping) -> None: ...
-
-    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -85,6 +81,10 @@ class Peer(Protocol):
         """The daemon's own mapping of part of a BAR; the caller closes it."""
         ...
 
+    def pinning_changed(self) -> None:
+        """The space became ready, or stopped being ready, or a pin failed (told without the lock)."""
+        ...
+
 
 # What a peer mapping maps: (the device, BAR, offset in it, IOVA, size).
 _PeerKey = tuple[int, int, int, int, int]
@@ -102,7 +102,9 @@ class IommuSpace:
         self.name = name
         self.iommu = iommu
         self._changed = changed
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
+        self._pinner = Pinner(name, self._lock, self._notify)
+        self._told_ready = True  # what the members were last told
         # No bound of its own: every connection's own table bounds what it adds.
         self._carriers = DmaTable(max_mappings=None)
         self._holders: dict[int, list[DmaMapping]] = {}  # id(carrier) -> every mapping of that identity
@@ -126,17 +128,45 @@ class IommuSpace:
     def pinned_bytes(self) -> int:
         """Client memory mapped in the IOMMU, counted once however many connections mapped it."""
         with self._lock:
-            return self._carriers.backed_bytes
+            return self._carriers.backed_bytes - self._pinner.unpinned_bytes
+
+    @property
+    def pending_bytes(self) -> int:
+        """Client memory mapped but not pinned yet."""
+        with self._lock:
+            return self._pinner.pending_bytes
+
+    @property
+    def ready(self) -> bool:
+        """Every mapping is pinned: the devices may be given bus mastering."""
+        with self._lock:
+            return self._pinner.ready
+
+    @property
+    def pin_failure(self) -> str | None:
+        """Why memory of the space could not be pinned, until that mapping is released."""
+        with self._lock:
+            return self._pinner.failure
 
     @property
     def waiting(self) -> int:
         with self._lock:
             return len(self._waiting)
 
-    def acquire(self, mapping: DmaMapping) -> None:
-        """A connection's new mapping: programmed, joined to the same one, or waiting for its range.
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait until every mapping is pinned or a pin has failed, and the members know; False on timeout."""
+        pinner = self._pinner
+        with self._lock:
+            return bool(
+                self._lock.wait_for(
+                    lambda: (pinner.ready or pinner.failure) and not pinner.announcing, timeout
+                )
+            )
 
-        Raises whatever the IOMMU raises; then nothing of the mapping stays in the space.
+    def acquire(self, mapping: DmaMapping) -> None:
+        """A connection's new mapping: pinned in the background, joined to the same one, or waiting.
+
+        Raises DmaError for a range it refuses; then nothing of the mapping stays in the space.
         """
         with self._lock:
             self._place(mapping)
@@ -147,10 +177,16 @@ class IommuSpace:
 
         What nobody holds any more is unmapped; what waited for the range is placed. An IOMMU
         unmap that fails still takes the mapping out of the space; the first failure is raised.
+        A mapping still being pinned is unmapped once the chunk in progress is done.
         """
         try:
             with self._lock:
-                self._release(mappings)
+                carriers = [c for m in mappings if (c := self._carrier_of.get(id(m))) is not None]
+                held = self._pinner.hold(carriers)
+                try:
+                    self._release(mappings)
+                finally:
+                    self._pinner.let_go(held)
         finally:
             self._notify()
 
@@ -158,7 +194,7 @@ class IommuSpace:
         other = self._carriers.conflict(mapping.iova, mapping.size)
         if other is None:
             if mapping.backed and self.iommu is not None:
-                self.iommu.map(mapping)
+                self._pinner.add(mapping, self.iommu)
             self._carriers.insert(mapping)
             self._holders[id(mapping)] = [mapping]
             self._carrier_of[id(mapping)] = mapping
@@ -187,6 +223,7 @@ class IommuSpace:
             staying = [m for m in self._holders.pop(id(carrier)) if id(m) not in leaving]
             if staying:  # another holder carries on: the IOMMU keeps the pages it pinned
                 self._carriers.replace(carrier, staying[0])
+                self._pinner.replace(carrier, staying[0])
                 self._holders[id(staying[0])] = staying
                 for m in staying:
                     self._carrier_of[id(m)] = staying[0]
@@ -195,9 +232,10 @@ class IommuSpace:
                 continue
             gone.append(carrier)
             self._unresolve(carrier)
-            if carrier.backed and self.iommu is not None:
+            pinned = self._pinner.forget(carrier)
+            if carrier.backed and self.iommu is not None and pinned:
                 try:
-                    self.iommu.unmap(carrier)
+                    self.iommu.unmap(carrier.iova, pinned)
                 except Exception as e:  # the rest still goes; the first failure is raised
                     failure = failure or e
         self._carriers.remove(gone)
@@ -210,7 +248,7 @@ class IommuSpace:
         for mapping in waiting:
             try:
                 self._place(mapping)
-            except Exception:  # the IOMMU refused it now: it waits for the next change
+            except DmaError:  # it spans BARs as they are now: it waits for the next change
                 self._waiting.append(mapping)
 
     @property
@@ -296,7 +334,7 @@ class IommuSpace:
         peer = DmaMapping(start, size, carrier.flags, memory)
         try:
             if self.iommu is not None:
-                self.iommu.map(peer)
+                self.iommu.map(peer, 0, size)
         except Exception as e:  # the IOMMU cannot map device memory here: DMA to it faults, as before
             release([peer])
             log.warning("peer BAR not mapped", peer=member.name, bar=bar.index, iova=hex(start), why=str(e))
@@ -309,7 +347,7 @@ class IommuSpace:
         self._peer_mappings.remove([peer])
         try:
             if self.iommu is not None:
-                self.iommu.unmap(peer)
+                self.iommu.unmap(peer.iova, peer.size)
         finally:
             release([peer])
 
@@ -324,17 +362,32 @@ class IommuSpace:
             log.info("fd-less DMA range left unbacked", iova=hex(carrier.iova), size=carrier.size, why=why)
 
     def _notify(self) -> None:
+        """After a change: the metrics, and the members when readiness changed or a pin failed."""
         if self._changed is not None:
             self._changed(self)
+        with self._lock:
+            ready = self._pinner.ready
+            members = list(self._members) if ready != self._told_ready or self._pinner.failure else []
+            self._told_ready = ready
+        for member in members:
+            member.pinning_changed()
 
     # the simulator's DMA: through the space, as a real device's goes through the IOMMU
     def read(self, iova: int, length: int) -> bytes:
         with self._lock:
+            self._check_pinned(iova, length)
             return self._table_for(iova).read(iova, length)
 
     def write(self, iova: int, data: bytes) -> None:
         with self._lock:
+            self._check_pinned(iova, len(data))
             self._table_for(iova).write(iova, data)
+
+    def _check_pinned(self, iova: int, length: int) -> None:
+        carrier = self._carriers.conflict(iova, length)
+        pin = self._pinner.pin_of(carrier) if carrier is not None else None
+        if pin is not None and not pin.pinned(iova, length):
+            raise DmaError(errno.EFAULT, f"DMA to {iova:#x}+{length:#x}: not pinned yet")
 
     def _table_for(self, iova: int) -> DmaTable:
         """A peer's BAR where one is mapped (its fd-less carrier has no memory), else the carriers."""
@@ -343,8 +396,10 @@ class IommuSpace:
     def close(self) -> None:
         """Tear the space down: the kernel's context goes (its mappings with it)."""
         with self._lock:
+            self._pinner.hold(self._carriers.mappings())
             for carrier in self._carriers.unmap_all():
                 self._unresolve(carrier)
+                self._pinner.forget(carrier)
             self._holders.clear()
             self._carrier_of.clear()
             self._waiting.clear()

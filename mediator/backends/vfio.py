@@ -35,6 +35,7 @@ from mediator._vfio_shim import ffi, lib
 from mediator.backends import advice
 from mediator.backends.base import BackendError, BarAccess, IrqInfo, RegionInfo
 from mediator.backends.dma import DmaMapping
+from mediator.backends.pinning import memlock_refusal
 from mediator.backends.space import IommuSpace
 from mediator.backends.sysfs import PciFunction, find_function, group_blockers
 from mediator.pci.address import format_bdf
@@ -123,9 +124,9 @@ def _pin(who: str, fd: int, request_code: int, request: Any, operation: str, *, 
     _checked(who, result, operation, advice.memlock(size) if result == -errno.ENOMEM else None)
 
 
-def _vaddr(mapping: DmaMapping) -> int:
+def _vaddr(mapping: DmaMapping, offset: int) -> int:
     assert mapping.memory is not None
-    return int(ffi.cast("uintptr_t", ffi.from_buffer(mapping.memory)))
+    return int(ffi.cast("uintptr_t", ffi.from_buffer(mapping.memory))) + offset
 
 
 class Type1Container:
@@ -181,27 +182,30 @@ class Type1Container:
         _ioctl_value(self.who, group, lib.VFIO_GROUP_UNSET_CONTAINER, 0, "VFIO_GROUP_UNSET_CONTAINER")
         self.groups -= 1
 
-    def map(self, mapping: DmaMapping) -> None:
+    def map(self, mapping: DmaMapping, offset: int, size: int) -> None:
         flags = lib.VFIO_DMA_MAP_FLAG_READ | (lib.VFIO_DMA_MAP_FLAG_WRITE if mapping.flags & DMA_WRITE else 0)
         request = ffi.new(
             "struct vfio_iommu_type1_dma_map *",
             {
                 "argsz": ffi.sizeof("struct vfio_iommu_type1_dma_map"),
                 "flags": flags,
-                "vaddr": _vaddr(mapping),
-                "iova": mapping.iova,
-                "size": mapping.size,
+                "vaddr": _vaddr(mapping, offset),
+                "iova": mapping.iova + offset,
+                "size": size,
             },
         )
         _pin(self.who, self.fd, lib.VFIO_IOMMU_MAP_DMA, request, "VFIO_IOMMU_MAP_DMA", size=mapping.size)
 
-    def unmap(self, mapping: DmaMapping) -> None:
+    def refusal(self, size: int) -> str | None:
+        return memlock_refusal(size)
+
+    def unmap(self, iova: int, size: int) -> None:
         request = ffi.new(
             "struct vfio_iommu_type1_dma_unmap *",
             {
                 "argsz": ffi.sizeof("struct vfio_iommu_type1_dma_unmap"),
-                "iova": mapping.iova,
-                "size": mapping.size,
+                "iova": iova,
+                "size": size,
             },
         )
         _ioctl(self.who, self.fd, lib.VFIO_IOMMU_UNMAP_DMA, request, "VFIO_IOMMU_UNMAP_DMA")
@@ -233,7 +237,7 @@ class Ioas:
             cls._context = _open_node(who, DEV_IOMMU, "iommufd")
         return cls._context
 
-    def map(self, mapping: DmaMapping) -> None:
+    def map(self, mapping: DmaMapping, offset: int, size: int) -> None:
         flags = lib.IOMMU_IOAS_MAP_FIXED_IOVA | lib.IOMMU_IOAS_MAP_READABLE
         flags |= lib.IOMMU_IOAS_MAP_WRITEABLE if mapping.flags & DMA_WRITE else 0
         request = ffi.new(
@@ -242,21 +246,24 @@ class Ioas:
                 "size": ffi.sizeof("struct iommu_ioas_map"),
                 "flags": flags,
                 "ioas_id": self.id,
-                "user_va": _vaddr(mapping),
-                "length": mapping.size,
-                "iova": mapping.iova,
+                "user_va": _vaddr(mapping, offset),
+                "length": size,
+                "iova": mapping.iova + offset,
             },
         )
         _pin(self.who, self.fd, lib.IOMMU_IOAS_MAP, request, "IOMMU_IOAS_MAP", size=mapping.size)
 
-    def unmap(self, mapping: DmaMapping) -> None:
+    def refusal(self, size: int) -> str | None:
+        return memlock_refusal(size)
+
+    def unmap(self, iova: int, size: int) -> None:
         request = ffi.new(
             "struct iommu_ioas_unmap *",
             {
                 "size": ffi.sizeof("struct iommu_ioas_unmap"),
                 "ioas_id": self.id,
-                "iova": mapping.iova,
-                "length": mapping.size,
+                "iova": iova,
+                "length": size,
             },
         )
         _ioctl(self.who, self.fd, lib.IOMMU_IOAS_UNMAP, request, "IOMMU_IOAS_UNMAP")

@@ -18,6 +18,7 @@ from mediator.metrics.registry import Counter, Family, Gauge, Histogram, Registr
 from mediator.vfio_user.server import CLIENT_REFUSALS, ClientRefusal
 from mediator.vfio_user.wire import Command
 from mediator.virt.events import RESET_CAUSES, TRAPPED_ACTIONS, ResetCause, TrappedAction
+from mediator.vms import VmFigures
 
 PREFIX = "vfio_mediator_"
 DeviceState = Literal["blocked", "quarantined", "serving"]
@@ -36,6 +37,7 @@ class _DeviceFamilies:
     dma_mappings: Family[Gauge]
     dma_pinned: Family[Gauge]
     resets: Family[Counter]
+    pin_failures: Family[Counter]
     handoffs: Family[Counter]
     connected: Family[Gauge]
     client_pid: Family[Gauge]
@@ -70,6 +72,11 @@ class _DeviceFamilies:
                 PREFIX + "dma_pinned_bytes", "Bytes of client memory mapped for device DMA.", d
             ),
             resets=registry.counter(PREFIX + "resets_total", "Device resets, by cause.", (*d, "cause")),
+            pin_failures=registry.counter(
+                PREFIX + "dma_pin_failures_total",
+                "Guest memory of the device's VM that could not be pinned; each blocks the device.",
+                d,
+            ),
             handoffs=registry.counter(
                 PREFIX + "handoffs_total",
                 "Tenant hand-offs (reset, checks, wipe), by result.",
@@ -111,6 +118,7 @@ class DeviceMetrics:
         self._dma_mappings = families.dma_mappings.labels(device)
         self._dma_pinned = families.dma_pinned.labels(device)
         self._resets = {cause: families.resets.labels(device, cause) for cause in RESET_CAUSES}
+        self._pin_failures = families.pin_failures.labels(device)
         self._handoffs = {
             ok: families.handoffs.labels(device, "ok" if ok else "failed") for ok in (True, False)
         }
@@ -162,6 +170,11 @@ class DeviceMetrics:
     def reset(self, cause: ResetCause) -> None:
         with self._lock:
             self._resets[cause].inc()
+
+    def dma_pin_failed(self) -> None:
+        with self._lock:
+            self._pin_failures.inc()
+        self.set_state("blocked")
 
     def handoff(self, ok: bool) -> None:
         with self._lock:
@@ -222,15 +235,21 @@ class Metrics:
                 vm,
             ),
             registry.gauge(
+                PREFIX + "vm_pin_pending_bytes",
+                "Client memory mapped in the VM's IOMMU space and still being pinned; bus mastering "
+                "waits for it.",
+                vm,
+            ),
+            registry.gauge(
                 PREFIX + "vm_peer_mappings",
                 "IOMMU mappings of the VM's devices' BARs for peer-to-peer DMA.",
                 vm,
             ),
         )
 
-    def vm_changed(self, vm: str, devices: int, mappings: int, pinned_bytes: int, peer_mappings: int) -> None:
+    def vm_changed(self, vm: str, space: VmFigures) -> None:
         """A client VM's devices or IOMMU space changed (``mediator.vms.VmEvents``)."""
-        values = (devices, mappings, pinned_bytes, peer_mappings)
+        values = (space.devices, space.mappings, space.pinned_bytes, space.pending_bytes, space.peer_mappings)
         for family, value in zip(self._vm_series, values, strict=True):
             family.labels(vm).set(value)
 

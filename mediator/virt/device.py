@@ -22,6 +22,12 @@ reaches the server as a ``DeviceError`` with the backend's errno, and what
 the device sees (trapped accesses, DMA changes, resets) goes to the
 ``DeviceEvents`` it was given.
 
+Bus Master Enable is the daemon's: the guest's bit lives in the shadow, and
+the hardware's follows it only while the IOMMU space the device is in is
+ready (every mapping pinned: ``backends.pinning``), so the device never
+DMAs (MSI writes included) into guest memory the IOMMU does not map yet.
+A pin that fails blocks the device with the reason.
+
 The device also holds what a client attaches: DMA mappings (a ``DmaSpace``:
 the connection's own, held in the IOMMU space of the client's VM, which the
 device enters when the client is admitted and leaves in ``detach_client``)
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import errno
 import mmap
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -43,7 +50,7 @@ import structlog
 from mediator.audit import Auditor
 from mediator.backends.base import Backend, BackendError, IrqInfo
 from mediator.backends.space import IommuSpace, PeerBar
-from mediator.pci.registers import COMMAND, COMMAND_MEMORY, Identity, bar_offset
+from mediator.pci.registers import COMMAND, COMMAND_MASTER, COMMAND_MEMORY, Identity, bar_offset
 from mediator.quirks.table import QuirkTable
 from mediator.vfio_abi import (
     BAR_REGIONS,
@@ -66,6 +73,10 @@ _BAR_REGISTERS = ((COMMAND, COMMAND + 2), (bar_offset(0), bar_offset(6)))
 
 def _moves_bars(offset: int, length: int) -> bool:
     return any(offset < end and start < offset + length for start, end in _BAR_REGISTERS)
+
+
+def _touches_command(offset: int, length: int) -> bool:
+    return offset <= COMMAND < offset + length
 
 
 _PADDING = "padding"
@@ -102,6 +113,9 @@ class VirtualDevice:
         self.interrupts = Interrupts(backend)
         self.resets = Resets(backend, self.config, plan, events, self.block)
         self._events = events
+        # The guest's command writes and the pinner's Bus Master changes take turns on the register.
+        self._command_lock = threading.Lock()
+        self._bus_master_held = False  # the guest set it, the hardware waits for pinning
 
     @property
     def events(self) -> DeviceEvents:
@@ -211,14 +225,24 @@ class VirtualDevice:
     def write_region(self, index: int, offset: int, data: bytes) -> None:
         try:
             if index == CONFIG_REGION:
-                if self.config.write(offset, data):
-                    self._guest_reset("config write")
-                if _moves_bars(offset, len(data)):
-                    self.dma.space.refresh()  # peers' mappings of the BARs follow them
+                self._write_config(offset, data, "config write")
                 return
             self._write_bar(index, offset, data)
         except BackendError as e:
             raise device_error(e) from None
+
+    def _write_config(self, offset: int, data: bytes, how: str) -> None:
+        """A guest's config write, directly or through a BAR mirror; ``how`` names the way, for a reset."""
+        if _touches_command(offset, len(data)):
+            with self._command_lock:
+                reset = self.config.write(offset, data)
+                self._sync_bus_master_locked()
+        else:
+            reset = self.config.write(offset, data)
+        if reset:
+            self._guest_reset(how)
+        if _moves_bars(offset, len(data)):
+            self.dma.space.refresh()  # peers' mappings of the BARs follow them
 
     def _write_bar(self, index: int, offset: int, data: bytes) -> None:
         if index == ROM_REGION:
@@ -258,8 +282,8 @@ class VirtualDevice:
             self.backend.write_region(window.bar, start, data)
         elif window.action == "config-mirror":
             first, inside = self._config_span(window, start, start + len(data))
-            if inside and self.config.write(first, data[:inside]):
-                self._guest_reset("through the BAR0 config mirror")
+            if inside:
+                self._write_config(first, data[:inside], "through the BAR0 config mirror")
 
     def _audit(self, window: TrapWindow, start: int, direction: str, data: bytes) -> None:
         self.events.trapped_access(window.action)
@@ -325,6 +349,30 @@ class VirtualDevice:
             space.join(self)
         if reset:
             self.resets.apply_post_reset_writes()  # the move reset the device: protections first
+        self.pinning_changed()
+
+    def pinning_changed(self) -> None:
+        """The space's pinning moved on (``Peer``): a failure blocks the device; Bus Master follows."""
+        failure = self.dma.space.pin_failure
+        if failure is not None and self.refusal is None:
+            self.events.dma_pin_failed()  # first: whoever reads the log line finds the metrics say so
+            self.block(f"{failure}; the device is handed off before it is served again")
+        with self._command_lock:
+            self._sync_bus_master_locked()
+
+    def _sync_bus_master_locked(self) -> None:
+        guest = bool(self.config.shadow[COMMAND] & COMMAND_MASTER)
+        ready = self.dma.space.ready
+        command = int.from_bytes(self.backend.read_config(COMMAND, 2), "little")
+        wanted = command | COMMAND_MASTER if guest and ready else command & ~COMMAND_MASTER
+        if wanted != command:
+            self.backend.write_config(COMMAND, wanted.to_bytes(2, "little"))
+        held = guest and not ready
+        if held and not self._bus_master_held:
+            log.info("bus master held until guest memory is pinned", pending=self.dma.space.pending_bytes)
+        if wanted & ~command & COMMAND_MASTER:
+            log.info("bus master on", waited_for_pinning=self._bus_master_held)
+        self._bus_master_held = held
 
     def peer_bars(self) -> list[PeerBar]:
         """Where the guest put the BARs a peer may reach: memory BARs, with decoding on (``Peer``)."""

@@ -3,7 +3,8 @@
 The connection's ``DmaTable`` is what the protocol's rules are checked
 against (an overlap with its own maps is EEXIST, an unmap must find its own
 maps whole); the space (``backends.space``) programs the IOMMU, once for
-RAM that several devices of one VM map. The device sits in
+RAM that several devices of one VM map, pinning in the background: a map
+is answered once pinned or after ``REPLY_WAIT_SECONDS``, whichever is first. The device sits in
 its backend's home space, where nothing is mapped, until it is moved into
 its client's VM space, and goes home again when the client's references are
 gone. A map the space refuses leaves nothing behind; an unmap releases the
@@ -16,6 +17,7 @@ import errno
 
 from mediator.backends.base import Backend, BackendError
 from mediator.backends.dma import DmaError, DmaMapping, DmaTable, release
+from mediator.backends.pinning import REPLY_WAIT_SECONDS
 from mediator.backends.space import IommuSpace
 from mediator.virt.errors import DeviceError, device_error
 from mediator.virt.events import DeviceEvents
@@ -67,6 +69,7 @@ class DmaSpace:
             raise
         self.table.insert(mapping)
         self._changed()
+        self.space.settle(REPLY_WAIT_SECONDS)  # memory that pins quickly is answered pinned
 
     def unmap(self, iova: int, size: int) -> None:
         try:

@@ -32,6 +32,10 @@ class DeviceEvents(Protocol):
 
     def reset(self, cause: ResetCause) -> None: ...
 
+    def dma_pin_failed(self) -> None:
+        """Guest memory of the device's VM could not be pinned: the device is blocked (from any thread)."""
+        ...
+
 
 class NoEvents:
     def trapped_access(self, action: TrappedAction) -> None:
@@ -41,6 +45,9 @@ class NoEvents:
         pass
 
     def reset(self, cause: ResetCause) -> None:
+        pass
+
+    def dma_pin_failed(self) -> None:
         pass
 
 

@@ -14,6 +14,9 @@ where a later layer wins:
    headers are virtual (the daemon owns the next pointers);
 2. visibility: ``hide``/``expose`` selectors, last quirk wins per capability;
 3. per quirk, in order: ``writable`` bodies, ``registers``, ``hide_ranges``;
+   then Bus Master Enable becomes virtual, whatever the quirks said of the
+   Command register: the hardware bit follows the guest's only while the
+   device's DMA is all pinned (``mediator.virt.device``);
 4. hidden capabilities: the whole extent reads 0 and drops writes;
 5. chains: next pointers rewritten over the exposed capabilities in walk
    order; a hidden first extended capability leaves an ID-0 placeholder
@@ -42,6 +45,8 @@ from mediator.pci.chain import Capability, Chains, walk
 from mediator.pci.registers import (
     BAR_COUNT,
     CAPABILITY_LIST,
+    COMMAND,
+    COMMAND_MASTER,
     CONFIG_SPACE_SIZE,
     HEADER_REGISTERS,
     ROM_ADDRESS,
@@ -237,10 +242,13 @@ class _Layout:
             if value is not None:
                 self.shadow[at] = (self.image[at] & ~v) | (value[i] & v)
 
-    def virtualize_bits(self, offset: int, mask: int, value: int, by: str) -> None:
-        """Make ``mask`` bits of one byte virtual and read-only, keeping the byte's other rules."""
+    def virtualize_bits(
+        self, offset: int, mask: int, value: int, by: str, *, keep_writable: bool = False
+    ) -> None:
+        """Make ``mask`` bits of one byte virtual (read-only unless ``keep_writable``), other rules kept."""
         self.virtual[offset] |= mask
-        self.writable[offset] &= ~mask & 0xFF
+        if not keep_writable:
+            self.writable[offset] &= ~mask & 0xFF
         self.shadow[offset] = (self.shadow[offset] & ~mask) | (value & mask)
         if self.kind[offset] is RuleKind.PASSTHROUGH:
             self.kind[offset] = RuleKind.MASKED
@@ -462,6 +470,15 @@ class _Planner:
             layout.emulate(head.offset, placeholder, bytes(4), RuleKind.VIRTUAL, "core:chain")
             detail = f"ID 0, next {nxt:#x}" if nxt else "nothing remains: dword 0x100 reads 0"
             self.decide("core:chain", "placeholder", head.label(), detail)
+
+    def own_bus_master(self) -> None:
+        self.layout.virtualize_bits(COMMAND, COMMAND_MASTER, 0, "core:bus-master", keep_writable=True)
+        self.decide(
+            "core:bus-master",
+            "virtualize",
+            "Command.BusMaster",
+            "the hardware bit follows the guest's once every DMA mapping of its VM is pinned",
+        )
 
     # 6. synthesized capabilities
     def synthesize(self) -> list[int]:
@@ -707,6 +724,7 @@ def build_plan(
     fates = planner.visibility()
     exposed = [c for c in planner.chains.all() if not fates[c].hidden]
     planner.apply_config_rules(exposed)
+    planner.own_bus_master()
     for cap in planner.rebar_unencodable:
         fates[cap] = CapabilityFate(cap, hidden=True, decided_by="core:resizable-bar")
         planner.decide("core:resizable-bar", "hide", cap.label(), "a current size cannot be encoded")

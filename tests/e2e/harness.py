@@ -153,10 +153,12 @@ class Machine:
         extra: tuple[str, ...] = (),
         host: str | None = None,
         more: Sequence[Path] = (),
+        ram: str = f"{RAM_SIZE}",
     ) -> None:
         """QEMU with the vfio-user device on ``sock``, or with plain vfio-pci on ``host`` (a BDF).
 
         ``more`` plugs further vfio-user devices into the root bus at 00:06.0, 00:07.0...
+        ``ram`` is the guest's RAM, a memfd backend's ``size`` and options (e.g. ``8G,hugetlb=on``).
         """
         self.folder = Path(tempfile.mkdtemp(prefix="vfio-mediator-qtest-"))
         qtest_path = self.folder / "qtest.sock"
@@ -183,7 +185,7 @@ class Machine:
                 qemu_binary(),
                 *["-machine", "q35,memory-backend=mem", "-global", "q35-pcihost.pci-hole64-size=512G"],
                 *["-accel", "qtest", "-qtest-log", "/dev/null", "-display", "none", "-nodefaults"],
-                *["-object", f"memory-backend-memfd,id=mem,size={RAM_SIZE},share=on"],
+                *["-object", f"memory-backend-memfd,id=mem,size={ram},share=on"],
                 *["-qtest", f"unix:{qtest_path}", "-qmp", f"unix:{self.qmp_path},server=on,wait=off"],
                 *topology,
                 *["-device", json.dumps(device)],

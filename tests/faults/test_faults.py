@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from mediator.vfio_user.wire import HEADER, Command
 from tests.protocol.client import Client
@@ -277,17 +278,35 @@ def test_a_failing_reset_is_an_error_reply_and_quarantines_the_device(tmp_path: 
 
 
 def test_backend_errors_become_error_replies(tmp_path: Path) -> None:
-    failing = faulty_profile(tmp_path, "config_read_eio = [0x2c]\ndma_map_fails = true")
-    memory = os.memfd_create("guest-ram")
-    os.ftruncate(memory, 1 << 20)
+    failing = faulty_profile(tmp_path, "config_read_eio = [0x2c]")
     with start(tmp_path, str(failing)), client(tmp_path / "gpu0.sock") as session:
         eio = session.region_read(CONFIG_REGION, 0x2C, 4)  # the subsystem IDs come from the device
         assert not eio.ok and eio.error == errno.EIO
-        assert session.region_read(CONFIG_REGION, 0, 4).ok  # the rest of config space still reads
-        mapped = session.dma_map(0x100000, 1 << 20, memory)
-        assert not mapped.ok and mapped.error == errno.EIO
-        assert session.dma_unmap(0x100000, 1 << 20).error == errno.ENOENT  # nothing half-mapped
-        assert session.region_read(CONFIG_REGION, 0, 4).ok  # and the session goes on
+        assert session.region_read(CONFIG_REGION, 0, 4).ok  # the rest of config space still reads, and
+        assert session.region_read(CONFIG_REGION, 0x2C, 2).error == errno.EIO  # the session goes on
+
+
+def test_a_pin_that_fails_after_the_reply_blocks_the_device_with_its_reason(tmp_path: Path) -> None:
+    failing = faulty_profile(tmp_path, "dma_map_fails = true")
+    memory = os.memfd_create("guest-ram")
+    os.ftruncate(memory, 1 << 20)
+    with start(tmp_path, str(failing), "h100-sxm5") as daemon, client(tmp_path / "gpu0.sock") as session:
+        assert session.dma_map(0x100000, 1 << 20, memory).ok  # answered before the pin ran
+        blocked = daemon.wait_for_event("device blocked", device="gpu0")
+        assert "guest memory 0x100000+0x100000 could not be pinned for DMA" in blocked["why"]
+        metrics = scrape(tmp_path / "metrics.sock")
+        assert sample(metrics, "vfio_mediator_dma_pin_failures_total", device="gpu0") == 1
+        assert sample(metrics, "vfio_mediator_device_state", device="gpu0", state="blocked") == 1
+        refused = session.region_read(CONFIG_REGION, 0, 4)  # fail closed: no device that cannot DMA
+        assert not refused.ok and refused.error == errno.EPERM
+
+        def gone() -> list[dict[str, Any]]:
+            return [e for e in daemon.events("hand-off") if e["record"]["reason"] == "client gone"]
+
+        daemon.wait_for(lambda: bool(gone()))  # the session ended; the mapping went with it
+        assert gone()[0]["ok"] and gone()[0]["record"]["steps"][0]["detail"] == "1 DMA mappings, 0 eventfds"
+        with client(tmp_path / "gpu1.sock") as other:
+            assert other.region_read(CONFIG_REGION, 0, 4).ok
     os.close(memory)
 
 
@@ -407,7 +426,11 @@ ENGINE = 0x5000  # the H100 profile's dma-engine registers in BAR0 (+0 source, +
 
 
 def run_engine(session: Client, source: int, destination: int, count: int, command: int) -> bool:
-    """The simulated GPU's DMA engine, started through BAR0; whether it completed without a fault."""
+    """The simulated GPU's DMA engine, started through BAR0; whether it completed without a fault.
+
+    As a guest's driver would, it turns bus mastering on first.
+    """
+    assert session.region_write(CONFIG_REGION, 0x04, b"\x04\x00").ok
     for n, value in enumerate((source, destination, count, command)):
         assert session.region_write(0, ENGINE + 8 * n, value.to_bytes(8, "little")).ok
     status = int.from_bytes(session.region_read(0, ENGINE + 0x18, 8).payload[16:], "little")

@@ -80,15 +80,17 @@ def in_guest_script(module: str) -> str:
     )
 
 
-def run_in_guest(module: str, devices: tuple[str, ...] = EDUS) -> str:
-    """Boot the real-VFIO guest with ``devices`` beside the NIC and igb, run ``python -m module``
-    there on this checkout, and return the serial console's output."""
+def run_in_guest(
+    module: str, devices: tuple[str, ...] = EDUS, memory: str = "2G", timeout: float = 900
+) -> str:
+    """Boot the real-VFIO guest (``memory`` of RAM) with ``devices`` beside the NIC and igb, run
+    ``python -m module`` there on this checkout, and return the serial console's output."""
     guest = guest_files()
     command = base64.b64encode(in_guest_script(module).encode()).decode()
     return subprocess.run(
         [
             qemu_binary(),
-            *["-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", "2G", "-smp", "1"],
+            *["-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", memory, "-smp", "1"],
             *["-display", "none", "-nodefaults", "-serial", "stdio", "-no-reboot"],
             *["-kernel", str(guest / "vmlinuz"), "-initrd", str(guest / "initrd.gz")],
             *["-append", f"console=ttyS0 quiet panic=-1 intel_iommu=on tb.cmd={command}"],
@@ -100,7 +102,7 @@ def run_in_guest(module: str, devices: tuple[str, ...] = EDUS) -> str:
         ],
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=timeout,
         check=False,
     ).stdout
 

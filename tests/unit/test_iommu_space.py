@@ -20,7 +20,7 @@ from mediator.backends.dma import DmaError, DmaMapping, DmaTable, release
 from mediator.backends.space import IommuSpace
 from mediator.virt.device import VirtualDevice
 from mediator.virt.errors import DeviceError
-from tests.support import device
+from tests.support import h100_in
 
 RAM = 4 << 20
 IOVA = 0x100000
@@ -34,11 +34,14 @@ class RecordingIommu:
     def __init__(self) -> None:
         self.calls: list[tuple[str, int, int]] = []
 
-    def map(self, mapping: DmaMapping) -> None:
-        self.calls.append(("map", mapping.iova, mapping.size))
+    def map(self, mapping: DmaMapping, offset: int, size: int) -> None:
+        self.calls.append(("map", mapping.iova + offset, size))
 
-    def unmap(self, mapping: DmaMapping) -> None:
-        self.calls.append(("unmap", mapping.iova, mapping.size))
+    def unmap(self, iova: int, size: int) -> None:
+        self.calls.append(("unmap", iova, size))
+
+    def refusal(self, size: int) -> str | None:
+        return None
 
     def close(self) -> None:
         self.calls.append(("close", 0, 0))
@@ -84,6 +87,7 @@ def test_ram_mapped_through_eight_connections_is_pinned_once_until_the_last_unma
         mappings = [mapping(IOVA, RAM, ram.sent()) for _ in range(8)]
         for m in mappings:
             space.acquire(m)
+        assert space.settle(10)
         assert len(space) == 1 and space.pinned_bytes == RAM and iommu.calls == [("map", IOVA, RAM)]
         for done, n in enumerate(order, 1):
             space.release([mappings[n]])
@@ -110,9 +114,11 @@ def test_a_map_of_other_memory_waits_until_the_other_connections_mapping_goes(ra
         space.acquire(whole)
         piece = mapping(0xC0000, 0x20000, rom, 0, flags=1)
         space.acquire(piece)  # no error: it waits
+        assert space.settle(10)
         assert space.waiting == 1 and space.pinned_bytes == RAM
         space.write(0xC0000, b"ram")  # the devices reach the older mapping meanwhile
         space.release([whole])
+        assert space.settle(10)
         assert space.waiting == 0 and space.pinned_bytes == 0x20000
         assert iommu.calls == [("map", 0, RAM), ("unmap", 0, RAM), ("map", 0xC0000, 0x20000)]
         with pytest.raises(DmaError) as read_only:
@@ -136,6 +142,7 @@ def test_two_connections_changing_layout_out_of_step_end_in_one_shared_layout(ra
     a_pieces = [mapping(iova, size, ram.sent(), iova) for iova, size in pieces]
     for m in a_pieces:
         space.acquire(m)  # ...and its new one joins b's
+    assert space.settle(10)
     assert space.waiting == 0 and len(space) == 2 and space.pinned_bytes == RAM - 0x40000
     assert iommu.calls[-2:] == [("map", 0, 0xC0000), ("map", 0x100000, RAM - 0x100000)]
 
@@ -148,15 +155,20 @@ def test_fd_less_maps_are_shared_and_never_pinned(ram: GuestRam) -> None:
     assert len(space) == 1 and space.pinned_bytes == 0 and iommu.calls == []
 
 
-def test_a_map_the_iommu_refuses_leaves_nothing_behind(ram: GuestRam) -> None:
+def test_a_pin_the_iommu_refuses_is_the_spaces_failure_until_its_mapping_goes(ram: GuestRam) -> None:
     class FullIommu(RecordingIommu):
-        def map(self, mapping: DmaMapping) -> None:
+        def map(self, mapping: DmaMapping, offset: int, size: int) -> None:
             raise DmaError(errno.ENOMEM, "the IOMMU is full")
 
     space = IommuSpace("VM 1", FullIommu())
-    with pytest.raises(DmaError):
-        space.acquire(mapping(IOVA, RAM, ram.sent()))
-    assert len(space) == 0 and space.waiting == 0
+    refused = mapping(IOVA, RAM, ram.sent())
+    space.acquire(refused)  # recorded at once: the pin fails later, on the pinner's thread
+    assert space.settle(10) and not space.ready and space.pinned_bytes == space.pending_bytes == 0
+    assert (
+        space.pin_failure == f"guest memory {IOVA:#x}+{RAM:#x} could not be pinned for DMA: the IOMMU is full"
+    )
+    space.release([refused])
+    assert space.ready and space.pin_failure is None and len(space) == 0
     space.acquire(mapping(IOVA, RAM))  # the range is free again
     assert len(space) == 1
 
@@ -165,12 +177,6 @@ def start_engine(dev: VirtualDevice, source: int, destination: int, count: int, 
     for n, value in enumerate((source, destination, count, command)):
         dev.write_region(0, ENGINE + 8 * n, value.to_bytes(8, "little"))
     return int.from_bytes(dev.read_region(0, ENGINE + 0x18, 8), "little")
-
-
-def h100_in(space: IommuSpace) -> VirtualDevice:
-    dev, _ = device("h100-sxm5")
-    dev.move_to(space)
-    return dev
 
 
 def test_a_vms_devices_reach_the_ram_any_of_them_mapped_and_a_crash_drops_only_its_own(ram: GuestRam) -> None:

@@ -28,6 +28,7 @@ from mediator.metrics.exporters import (
 from mediator.metrics.registry import LATENCY_BOUNDS, Registry
 from mediator.metrics.series import DeviceMetrics, Metrics
 from mediator.vfio_user.wire import Command
+from mediator.vms import VmFigures
 
 # A tiny parser for the text format 0.0.4, strict enough to catch a malformed exposition.
 SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)")
@@ -175,10 +176,15 @@ def test_every_daemon_series_is_exported_and_parses() -> None:  # noqa: PLR0915 
     gpu.handoff(ok=False)
     gpu.client_connected()
     gpu.client_refused("busy")
+    gpu.dma_pin_failed()
     gpu.set_state("quarantined")
     metrics.fabric_command("activate", ok=True)
-    metrics.vm_changed("4242", devices=2, mappings=3, pinned_bytes=1 << 30, peer_mappings=4)
-    metrics.vm_changed("4343", devices=1, mappings=0, pinned_bytes=0, peer_mappings=0)
+    metrics.vm_changed(
+        "4242", VmFigures(devices=2, mappings=3, pinned_bytes=1 << 30, pending_bytes=5, peer_mappings=4)
+    )
+    metrics.vm_changed(
+        "4343", VmFigures(devices=1, mappings=0, pinned_bytes=0, pending_bytes=0, peer_mappings=0)
+    )
     metrics.vm_gone("4343")
 
     families = parse(metrics.render())
@@ -207,6 +213,7 @@ def test_every_daemon_series_is_exported_and_parses() -> None:  # noqa: PLR0915 
     assert value(families, p + "dma_mappings", device="gpu0") == 3
     assert value(families, p + "dma_pinned_bytes", device="gpu0") == 8 << 30
     assert value(families, p + "resets_total", device="gpu0", cause="client") == 1
+    assert value(families, p + "dma_pin_failures_total", device="gpu0") == 1
     assert value(families, p + "handoffs_total", device="gpu0", result="failed") == 1
     assert value(families, p + "clients_connected", device="gpu0") == 1
     assert value(families, p + "clients_refused_total", device="gpu0", reason="busy") == 1
@@ -218,6 +225,7 @@ def test_every_daemon_series_is_exported_and_parses() -> None:  # noqa: PLR0915 
     assert value(families, p + "vm_devices", vm="4242") == 2
     assert value(families, p + "vm_dma_mappings", vm="4242") == 3
     assert value(families, p + "vm_pinned_bytes", vm="4242") == 1 << 30
+    assert value(families, p + "vm_pin_pending_bytes", vm="4242") == 5
     assert value(families, p + "vm_peer_mappings", vm="4242") == 4
     assert lookup(families, p + "vm_devices", vm="4343") is None  # a VM that has gone is forgotten
     assert {f.type for f in families.values()} == {"counter", "gauge", "histogram"}

@@ -15,19 +15,13 @@ import pytest
 from mediator.backends.space import IommuSpace
 from mediator.virt.device import VirtualDevice
 from mediator.virt.errors import DeviceError
-from tests.support import device
+from tests.support import h100_in
 
 CONFIG = 7
 ENGINE = 0x5000  # the H100 profile's dma-engine registers in BAR0
 MIRROR = 0x88000  # its config mirror, a trap window
 START, FAULT = 0x1, 0x100
 BAR0, BAR2 = 0xE0000000, 0x40_0000_0000  # the H100's BARs are 0, 2 and 4, all 64-bit
-
-
-def h100_in(space: IommuSpace) -> VirtualDevice:
-    dev, _ = device("h100-sxm5")
-    dev.move_to(space)
-    return dev
 
 
 def place(dev: VirtualDevice, index: int, address: int, *, decoding: bool = True) -> None:

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from mediator.backends.dma import DmaTable, release
-from mediator.vms import VmId, Vms, vm_of
+from mediator.vms import VmFigures, VmId, Vms, vm_of
 
 
 def fake_proc(root: Path, pid: int, command: str, started: int) -> Path:
@@ -63,9 +63,9 @@ class Reported:
     def __init__(self) -> None:
         self.vms: dict[str, tuple[int, int, int]] = {}
 
-    def vm_changed(self, vm: str, devices: int, mappings: int, pinned_bytes: int, peer_mappings: int) -> None:
-        assert peer_mappings == 0  # no BARs here
-        self.vms[vm] = (devices, mappings, pinned_bytes)
+    def vm_changed(self, vm: str, space: VmFigures) -> None:
+        assert space.peer_mappings == space.pending_bytes == 0  # no BARs here, nothing to pin
+        self.vms[vm] = (space.devices, space.mappings, space.pinned_bytes)
 
     def vm_gone(self, vm: str) -> None:
         del self.vms[vm]

@@ -1,0 +1,166 @@
+"""The guest half of ``bench/big_guest.py``: runs INSIDE the real-VFIO TCG guest.
+
+Two measurements, one ``FIGURE {...}`` line each:
+
+- ``map``: one VFIO_IOMMU_MAP_DMA of a fresh memfd of each size through a
+  type1 container holding the edu function, in 4 KiB pages and in 2 MiB
+  huge pages (``MFD_HUGETLB``, pages reserved through
+  ``/proc/sys/vm/nr_hugepages``): the time the kernel takes to pin and map
+  it, which is what the daemon's DMA_MAP reply waited for before it pinned
+  in the background.
+- ``qemu``: a nested QEMU 11.1 in qtest mode with that much guest RAM
+  (``memory-backend-memfd``, default ``x-msg-timeout``) realizes the edu
+  served by ``serve --config``; whether it realized without a timeout, when
+  the daemon gave the device Bus Master Enable (after the guest set it),
+  and whether an edu DMA round trip into the top of the guest's RAM worked.
+
+Sizes double from 256 MiB to the most the guest can hold.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from mediator.backends.dma import DmaTable, release
+from mediator.backends.sysfs import find_function
+from mediator.backends.vfio import Ioas, Type1Container, VfioDevice
+from tests.e2e.harness import Machine
+from tests.guest.vfio_guest import (
+    EDU_BUFFER,
+    NESTED_SLOTS,
+    bind_to_vfio,
+    edu_config,
+    edu_dma,
+    find,
+)
+from tests.support import DaemonProcess
+
+MIB = 1 << 20
+HUGE_PAGE = 2 * MIB
+FIRST = 256 * MIB
+IOVA = 1 << 32
+BAR = 0xE0000000
+EDU_IDS = 0x11E81234
+# q35 keeps at most 2 GiB of RAM below 4 GiB once the guest has 2.75 GiB or more.
+LOW_RAM_LIMIT, LOW_RAM_MAX = 0xB0000000, 0x80000000
+
+
+def figure(**fields: object) -> None:
+    print("FIGURE " + json.dumps(fields), flush=True)
+
+
+def meminfo(field: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        name, value = line.split(":", 1)
+        if name == field:
+            return int(value.split()[0]) * (1024 if value.strip().endswith("kB") else 1)
+    raise KeyError(field)
+
+
+def sizes(most: int) -> Iterator[int]:
+    size = FIRST
+    while size <= most:
+        yield size
+        size *= 2
+    if size // 2 < most // FIRST * FIRST:
+        yield most // FIRST * FIRST
+
+
+def reserve_huge_pages(size: int) -> bool:
+    Path("/proc/sys/vm/nr_hugepages").write_text(str(size // HUGE_PAGE))
+    return meminfo("HugePages_Total") * HUGE_PAGE >= size
+
+
+def map_seconds(container: Type1Container | Ioas, size: int, *, huge: bool) -> float:
+    fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | (os.MFD_HUGETLB if huge else 0))
+    try:
+        os.ftruncate(fd, size)
+        mapping = DmaTable().prepare(IOVA, size, 3, fd, 0)
+        started = time.perf_counter()
+        container.map(mapping, 0, size)
+        seconds = time.perf_counter() - started
+        container.unmap(IOVA, size)
+        release([mapping])
+        return seconds
+    finally:
+        os.close(fd)
+
+
+def measure_maps(edu: str) -> None:
+    device = VfioDevice(find_function(edu))
+    container = device.new_iommu("bench")
+    device.move_to(container)
+    try:
+        for size in sizes(meminfo("MemAvailable") - 512 * MIB):
+            figure(case="map", size=size, page="4K", seconds=map_seconds(container, size, huge=False))
+        try:
+            os.close(os.memfd_create("probe", os.MFD_HUGETLB))
+        except OSError as e:
+            figure(case="no-hugetlb", why=str(e))
+            return
+        for size in sizes(meminfo("MemAvailable") - 512 * MIB):
+            if not reserve_huge_pages(size):
+                break
+            figure(case="map", size=size, page="2M", seconds=map_seconds(container, size, huge=True))
+    finally:
+        Path("/proc/sys/vm/nr_hugepages").write_text("0")
+        device.close()
+        container.close()
+
+
+def top_of_ram(size: int) -> int:
+    """The guest-physical address of the last page of ``size`` bytes of q35 RAM."""
+    low = LOW_RAM_MAX if size >= LOW_RAM_LIMIT else size
+    return (size - 0x1000) if size == low else (1 << 32) + (size - low) - 0x1000
+
+
+def round_trip_to_top(vm: Machine, size: int) -> bool:
+    pattern = bytes(range(3, 67))
+    top = top_of_ram(size)
+    vm.write_memory(0x100000, pattern)
+    edu_dma(vm, BAR, 0x100000, EDU_BUFFER, count=len(pattern), command=0x1)  # RAM -> edu
+    edu_dma(vm, BAR, EDU_BUFFER, top, count=len(pattern), command=0x3)  # edu -> the top of RAM
+    return vm.read_memory(top, len(pattern)) == pattern
+
+
+def measure_realize(edu: str) -> None:
+    config, sockets = edu_config("big", [edu])
+    with DaemonProcess("--config", str(config), "--log-format", "json", devices=1, timeout=600) as served:
+        for size in sizes(meminfo("MemAvailable") - 1024 * MIB):
+            handoffs, bus_master = served.counts["hand-off"], served.counts["bus master on"]
+            started = time.monotonic()
+            with Machine(sockets[0], behind_root_port=False, ram=str(size)) as vm:
+                realized = vm.cfg_read(0, 4) == EDU_IDS
+                realize_seconds = time.monotonic() - started
+                vm.map_bar(0, BAR, NESTED_SLOTS[0])
+                vm.enable(bdf=NESTED_SLOTS[0])
+                served.wait_for(lambda: served.counts["bus master on"] > bus_master, 3600)  # noqa: B023
+                on_seconds = time.monotonic() - started
+                dma = round_trip_to_top(vm, size)
+                errors = [line for line in vm.stderr().splitlines() if "vfio" in line.lower()]
+            served.wait_for(lambda: served.counts["hand-off"] > handoffs, 600)  # noqa: B023
+            figure(
+                case="qemu",
+                size=size,
+                realized=realized and not any("timed out" in line for line in errors),
+                realize_seconds=realize_seconds,
+                bus_master_seconds=on_seconds,
+                dma_top=dma,
+                qemu_errors=errors[:5],
+            )
+
+
+def main() -> None:
+    edu = find("edu")
+    bind_to_vfio(edu)
+    measure_maps(edu)
+    measure_realize(edu)
+    figure(case="done")
+
+
+if __name__ == "__main__":
+    main()
