@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -45,7 +46,7 @@ from mediator.state import StateError, StateStore
 from mediator.unix_listener import SocketError
 from mediator.virt.device import VirtualDevice
 from mediator.virt.plan import PlanError
-from mediator.virt.reset import RESET_MODES
+from mediator.virt.reset import DEFAULT_CLIENT_TIMEOUT, MAX_CLIENT_TIMEOUT, RESET_MODES
 
 EXIT_OK = 0
 EXIT_DEVICE = 1
@@ -133,7 +134,10 @@ def _command_line_settings(args: argparse.Namespace) -> Settings:
     )
     state = getattr(args, "state_directory", None) or os.environ.get("STATE_DIRECTORY", "").split(":")[0]
     return Settings(
-        source="the command line", devices=(spec,), state_directory=Path(state) if state else None
+        source="the command line",
+        devices=(spec,),
+        state_directory=Path(state) if state else None,
+        client_timeout=getattr(args, "client_timeout", None) or DEFAULT_CLIENT_TIMEOUT,
     )
 
 
@@ -146,6 +150,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 ("--device", args.device),
                 ("--reset", args.reset),
                 ("--state-directory", args.state_directory),
+                ("--client-timeout", args.client_timeout),
             )
             if value
         ]
@@ -295,6 +300,29 @@ def _reset_argument(command: argparse.ArgumentParser) -> None:
     )
 
 
+def parse_client_timeout(text: str) -> float:
+    """Seconds, above 0 and no more than a client can be told to wait."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= MAX_CLIENT_TIMEOUT:  # NaN fails too
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a client timeout: give seconds above 0 (QEMU's x-msg-timeout / 1000), e.g. 10"
+        )
+    return seconds
+
+
+def _client_timeout_argument(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--client-timeout",
+        type=parse_client_timeout,
+        metavar="SECONDS",
+        help="without --config: how long the client waits for a reply, QEMU's x-msg-timeout in "
+        f"seconds (default {DEFAULT_CLIENT_TIMEOUT:g}); a guest's reset is answered before it",
+    )
+
+
 # preflight: devices and doctor
 
 SIZE = re.compile(r"^(\d+)([KMGT]?)(?:i?B)?$", re.IGNORECASE)
@@ -416,6 +444,7 @@ def parser() -> argparse.ArgumentParser:
     )
     _device_arguments(serve)
     _reset_argument(serve)
+    _client_timeout_argument(serve)
     serve.add_argument("--socket", type=Path, metavar="PATH", help="the UNIX socket to listen on")
     serve.add_argument(
         "--config",

@@ -183,6 +183,8 @@ class ManagedDevice:
                 self._leave(vm)
                 return self.device, why
             self._vm = vm
+            # The config's at the session's start: a reload changes it for the next client.
+            self.device.resets.client_timeout = self._daemon.settings.client_timeout
             self.metrics.set_client(peer.pid)
             log.info("device joins its client's VM", vm=str(vm), devices=devices)
             return self.device, None

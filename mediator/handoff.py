@@ -110,8 +110,9 @@ class HandedOff(Protocol):
     @property
     def plan(self) -> DevicePlan: ...
 
-    def detach_client(self) -> tuple[int, int]:
-        """Drop the client's DMA mappings and eventfds; how many of each there were."""
+    def detach_client(self) -> tuple[int, int, float | None]:
+        """Drop the client's DMA mappings and eventfds, once its reset still running is done;
+        how many of each there were, and the seconds waited for that reset (None: there was none)."""
         ...
 
     def reset_hardware(self, *, bus: bool) -> str: ...
@@ -248,8 +249,11 @@ def _reset(device: HandedOff, mode: ResetMode, not_now: str | None) -> str:
 
 
 def _release(device: HandedOff) -> str:
-    mappings, eventfds = device.detach_client()
-    return f"{mappings} DMA mappings, {eventfds} eventfds"
+    mappings, eventfds, waited = device.detach_client()
+    left = f"{mappings} DMA mappings, {eventfds} eventfds"
+    if waited is None:
+        return left
+    return f"{left}; the client's reset that outlived its deadline ran {waited:.1f} s more"
 
 
 def _config_as_before(device: HandedOff) -> str:

@@ -4,6 +4,9 @@ A TOML file, checked as a whole before anything starts; every error names
 the file and the key::
 
     state_directory = "/var/lib/vfio-mediator"   # quarantine, hand-off records, sessions, fabric
+    client_timeout = 5.0                # seconds the client waits for a reply: QEMU's x-msg-timeout
+                                        # (ms) on -device vfio-user-pci; a guest's reset is answered
+                                        # a second before it (a fifth before, under 5 s)
 
     [access]                            # defaults for every device's socket and clients
     socket_mode = 0o660                 # when the daemon makes the socket (not a .socket unit)
@@ -78,13 +81,14 @@ from mediator.errors import InputError, InputErrors
 from mediator.log import LogFormat, LogLevel
 from mediator.pci.address import AddressError, normalize_bdf
 from mediator.tomlinput import convert, read_toml
-from mediator.virt.reset import ResetMode
+from mediator.virt.reset import DEFAULT_CLIENT_TIMEOUT, MAX_CLIENT_TIMEOUT, ResetMode
 
 Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)]
 Principal = str | Annotated[int, Meta(ge=0)]  # a user or group name, or its number
 Command = Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1)]
 
 DEFAULT_STATE_DIRECTORY = Path("/var/lib/vfio-mediator")
+ClientTimeout = Annotated[float, Meta(gt=0, le=MAX_CLIENT_TIMEOUT)]  # seconds
 
 
 class AccessSpec(Struct, forbid_unknown_fields=True, frozen=True):
@@ -170,6 +174,7 @@ class FabricSpec(Struct, forbid_unknown_fields=True, frozen=True):
 class SettingsSpec(Struct, forbid_unknown_fields=True, frozen=True):
     device: Annotated[list[DeviceSpec], Meta(min_length=1)]
     state_directory: str = str(DEFAULT_STATE_DIRECTORY)
+    client_timeout: ClientTimeout = DEFAULT_CLIENT_TIMEOUT
     handoff: HandoffSpec = msgspec.field(default_factory=HandoffSpec)
     fabric: FabricSpec | None = None
     access: AccessSpec = msgspec.field(default_factory=AccessSpec)
@@ -184,6 +189,7 @@ class Settings:
     source: str
     devices: tuple[DeviceSpec, ...]
     state_directory: Path | None  # None: quarantine lives in memory only, records go to the log
+    client_timeout: float = DEFAULT_CLIENT_TIMEOUT  # how long every device's client waits for a reply
     handoff: HandoffSpec = field(default_factory=HandoffSpec)
     fabric: FabricSpec | None = None
     access: dict[str, Access] = field(default_factory=dict)  # by device name; absent: Access()
@@ -322,6 +328,7 @@ def load_settings(path: Path) -> Settings:
         source=source,
         devices=tuple(_resolved(device, base) for device in spec.device),
         state_directory=base / spec.state_directory,
+        client_timeout=spec.client_timeout,
         handoff=spec.handoff,
         fabric=spec.fabric,
         access=access,

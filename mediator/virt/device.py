@@ -393,18 +393,21 @@ class VirtualDevice:
         return self.backend.bar_memory(index, offset, size)
 
     # what a hand-off does (mediator.handoff.HandedOff)
-    def detach_client(self) -> tuple[int, int]:
-        """What a departing client leaves behind goes: (DMA mappings, eventfds) it had.
+    def detach_client(self) -> tuple[int, int, float | None]:
+        """What a departing client leaves behind goes: (DMA mappings, eventfds) it had, and the
+        seconds its reset that outlived its deadline still ran (None: there was none).
 
-        The device then leaves the client's VM for its home space, where it
-        can reach no memory; the hand-off (``mediator.handoff``) then resets
-        and checks it.
+        That reset finishes first, so the hand-off's own reset is timed alone and a hand-off that
+        does not reset still hands over a device at rest. The device then leaves the client's VM
+        for its home space, where it can reach no memory; the hand-off (``mediator.handoff``)
+        then resets and checks it.
         """
+        waited = self.resets.finish_straggler()
         left = len(self.dma), self.interrupts.attached
         self.dma.unmap_all()
         self.interrupts.detach_all()
         self.move_to(self.backend.home)
-        return left
+        return (*left, waited)
 
     def reset_hardware(self, *, bus: bool) -> str:
         return self.resets.reset_hardware("handoff", bus=bus)

@@ -6,9 +6,11 @@ restores the virtual config state; ``apply_post_reset_writes`` then makes
 the plan's register writes (NVLink link disable...) and checks the verified
 ones, blocking the device when a protection does not hold. A reset the guest
 or the client asks for (``within_deadline``) does both in a thread and is
-answered within ``GUEST_RESET_DEADLINE``, before the client gives up on the
-message; a reset still running then finishes in the background with the
-device blocked, and the next hardware reset waits for it.
+answered within ``reply_deadline`` of the client's timeout (QEMU's
+``x-msg-timeout``, the daemon's ``client_timeout``), before the client gives
+up on the message and loses the stream; a reset still running then finishes
+in the background with the device blocked, and the hand-off that follows
+waits for it (``finish_straggler``) before it touches the device.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import contextvars
 import errno
 import threading
+import time
 from collections.abc import Callable
 from typing import Literal, NoReturn, get_args
 
@@ -33,8 +36,23 @@ log = structlog.get_logger("mediator.virt")
 # How a hand-off resets a device: a secondary bus reset where possible, a function reset, or none.
 ResetMode = Literal["bus", "function", "none"]
 RESET_MODES: tuple[ResetMode, ...] = get_args(ResetMode)
-# A guest's reset is answered within this, before QEMU gives up on the message (5 s).
-GUEST_RESET_DEADLINE = 4.0
+# How long QEMU's vfio-user client waits for each reply unless told otherwise (x-msg-timeout=5000).
+DEFAULT_CLIENT_TIMEOUT = 5.0
+# x-msg-timeout is a uint32 of milliseconds: a client cannot be told to wait longer.
+MAX_CLIENT_TIMEOUT = (2**32 - 1) / 1000
+
+
+def reply_deadline(client_timeout: float) -> float:
+    """How long a guest's reset may run before the daemon answers the client anyway.
+
+    The client's clock runs longer than the reset: from when it sent the
+    request, through any requests queued before it, to when the reply
+    reaches it, on a host that may be busy. Those delays do not grow with
+    the timeout, so the margin is a second (4 s of QEMU's default 5 s), and
+    a fifth of a timeout shorter than 5 s, so that a short one keeps a
+    deadline.
+    """
+    return client_timeout - min(1.0, client_timeout / 5)
 
 
 class Resets:
@@ -52,6 +70,8 @@ class Resets:
         self.plan = plan
         self.events = events
         self._block = block
+        # How long the client waits for a reply; the daemon sets its config's when a client comes.
+        self.client_timeout = DEFAULT_CLIENT_TIMEOUT
         self._straggler: threading.Thread | None = None  # a reset still running past its deadline
 
     def reset_hardware(self, cause: ResetCause, *, bus: bool = False) -> str:
@@ -65,13 +85,23 @@ class Resets:
             DeviceError: ENOTTY when the device has no reset method at all.
             BackendError: the reset failed.
         """
-        straggler, self._straggler = self._straggler, None
-        if straggler is not None:
-            straggler.join()  # a guest's reset that outlived its deadline: the hardware is still in it
+        self.finish_straggler()
         done = self._reset(bus)
         self.config.restore_shadow()
         self.events.reset(cause)
         return done
+
+    def finish_straggler(self) -> float | None:
+        """Wait for a guest's reset that outlived its deadline; the seconds waited, None without one.
+
+        The hardware is still in it: nothing may reset, move or serve the device meanwhile.
+        """
+        straggler, self._straggler = self._straggler, None
+        if straggler is None:
+            return None
+        clock = time.monotonic()
+        straggler.join()
+        return time.monotonic() - clock
 
     def _reset(self, bus: bool) -> str:
         obstacle = self.backend.bus_reset_obstacle() if bus else None
@@ -96,8 +126,8 @@ class Resets:
         """A reset the guest or the client (``source``) asked for, done by the daemon.
 
         Reset, restore the virtual state, make the post-reset writes, all
-        within ``GUEST_RESET_DEADLINE``: the client waits for the answer and
-        gives up soon after (QEMU's x-msg-timeout is 5 s). A reset still
+        within ``reply_deadline(client_timeout)``: the client waits for the
+        answer no longer than ``client_timeout``. A reset still
         running then goes on in the background with the device blocked; a
         reset that fails blocks the device too. Either way the session ends
         and the device is handed off.
@@ -117,13 +147,14 @@ class Resets:
         context = contextvars.copy_context()  # log lines keep their device and client
         worker = threading.Thread(target=context.run, args=(run,), name=f"reset {cause}", daemon=True)
         worker.start()
-        worker.join(GUEST_RESET_DEADLINE)
+        deadline = reply_deadline(self.client_timeout)
+        worker.join(deadline)
         if worker.is_alive():
             self._straggler = worker
             self._refuse(
                 errno.ETIMEDOUT,
-                f"a reset did not finish within {GUEST_RESET_DEADLINE:g} s; the device is handed off "
-                "before it is served again",
+                f"a reset did not finish within {deadline:g} s (client_timeout {self.client_timeout:g} s); "
+                "the device is handed off before it is served again",
             )
         if failure:
             raise failure[0]

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from mediator.vfio_user.wire import HEADER, Command
+from tests.faults.test_faults import faulty_profile
+from tests.protocol.client import Client
 from tests.support import DaemonProcess
 
 
@@ -77,3 +81,48 @@ def test_a_path_that_is_not_a_socket_is_refused(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"error: {path} exists and is not a socket"
     assert path.read_text() == "data"
+
+
+def test_client_timeout_without_a_config_is_the_reset_deadline_of_the_one_device(tmp_path: Path) -> None:
+    # A client told to wait 2 s (x-msg-timeout=2000) gets its 3 s reset answered before then.
+    slow = faulty_profile(tmp_path, "reset_seconds = 3.0")
+    sock = tmp_path / "gpu.sock"
+    with DaemonProcess(
+        "--socket", str(sock), "--profile", str(slow), "--reset", "none", "--client-timeout", "2"
+    ):
+        connection = socket.socket(socket.AF_UNIX)
+        connection.connect(str(sock))
+        session = Client(connection)
+        assert session.version().ok
+        started = time.monotonic()
+        reply = session.request(Command.DEVICE_RESET)
+        answered = time.monotonic() - started
+        session.client.close()
+    assert not reply.ok and reply.error == errno.ETIMEDOUT
+    assert answered < 2, f"answered after {answered:.1f} s, past the client's 2 s"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--client-timeout", "0"), "'0' is not a client timeout: give seconds above 0"),
+        (("--client-timeout", "soon"), "'soon' is not a client timeout"),
+        (("--config", "config.toml", "--client-timeout", "10"), "--client-timeout goes in the config file"),
+    ],
+)
+def test_a_bad_client_timeout_flag_is_one_line_and_exit_2(
+    tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    (tmp_path / "config.toml").write_text(
+        '[[device]]\nname = "a"\nprofile = "h100-sxm5"\nsocket = "a.sock"\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "mediator", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr.strip().splitlines()[-1]

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mediator.vfio_user.wire import HEADER, Command
+from mediator.virt.reset import DEFAULT_CLIENT_TIMEOUT, reply_deadline
 from tests.protocol.client import Client
 from tests.support import DaemonProcess, sample, scrape
 
@@ -43,8 +44,9 @@ def faulty_profile(folder: Path, faults: str) -> Path:
     return path
 
 
-def start(folder: Path, *profiles: str, extra: str = "") -> DaemonProcess:
-    lines = ['state_directory = "state"', "[metrics]", 'socket = "metrics.sock"']
+def start(folder: Path, *profiles: str, extra: str = "", top: str = "") -> DaemonProcess:
+    """``top``: top-level keys of the config; ``extra``: tables after the devices."""
+    lines = ['state_directory = "state"', top, "[metrics]", 'socket = "metrics.sock"']
     for i, profile in enumerate(profiles):
         lines += ["[[device]]", f'name = "gpu{i}"', f'profile = "{profile}"', f'socket = "gpu{i}.sock"']
     (folder / "config.toml").write_text("\n".join(lines) + "\n" + extra)
@@ -242,17 +244,20 @@ def test_a_flood_of_trapped_accesses_on_one_device_leaves_another_answering_corr
 
 
 def test_a_reset_slower_than_the_client_waits_is_answered_in_time_and_handed_off(tmp_path: Path) -> None:
-    slow = faulty_profile(tmp_path, "reset_seconds = 4.5")
+    deadline = reply_deadline(DEFAULT_CLIENT_TIMEOUT)
+    slow = faulty_profile(tmp_path, f"reset_seconds = {deadline + 0.5}")
     with start(tmp_path, str(slow), "h100-sxm5") as daemon:
         with client(tmp_path / "gpu0.sock") as session, client(tmp_path / "gpu1.sock") as other:
             started = time.monotonic()
             session.send(Command.DEVICE_RESET)
-            while time.monotonic() - started < 3.5:  # the other device is not held up meanwhile
+            while time.monotonic() - started < deadline - 0.5:  # the other device is not held up meanwhile
                 assert other.region_read(CONFIG_REGION, 0, 4).ok
             reply = session.receive()
             answered = time.monotonic() - started
             assert not reply.ok and reply.error == errno.ETIMEDOUT
-            assert answered < 5.0, f"answered after {answered:.1f} s, past QEMU's 5 s"
+            assert answered < DEFAULT_CLIENT_TIMEOUT, (
+                f"answered after {answered:.1f} s, past the client's wait"
+            )
             blocked = session.region_read(CONFIG_REGION, 0, 4)  # the device is blocked from now on
             assert not blocked.ok and blocked.error == errno.EPERM
             assert session.client.recv(16) == b""  # and the session ends, so it can be handed off
@@ -263,6 +268,38 @@ def test_a_reset_slower_than_the_client_waits_is_answered_in_time_and_handed_off
         assert gone["ok"] is True  # it waited for the straggling reset, then reset again
         with client(tmp_path / "gpu0.sock") as after:
             assert after.region_read(CONFIG_REGION, 0, 4).ok
+
+
+def test_a_longer_client_timeout_lets_a_slow_reset_finish_before_its_answer(tmp_path: Path) -> None:
+    # A 6 s reset: past the default's deadline, within that of client_timeout = 10 (and a QEMU
+    # given x-msg-timeout=10000). The hand-offs do not reset, so only the guest's reset is slow.
+    slow = faulty_profile(tmp_path, "reset_seconds = 6.0")
+    patient, default = tmp_path / "patient", tmp_path / "default"
+    patient.mkdir()
+    default.mkdir()
+    no_handoff_reset = '[handoff]\nreset = "none"\n'
+    with (
+        start(patient, str(slow), top="client_timeout = 10", extra=no_handoff_reset),
+        start(default, str(slow), extra=no_handoff_reset) as impatient,
+    ):
+        with client(patient / "gpu0.sock") as waits, client(default / "gpu0.sock") as gives_up:
+            started = time.monotonic()
+            waits.send(Command.DEVICE_RESET)
+            gives_up.send(Command.DEVICE_RESET)
+            timed_out = gives_up.receive()
+            timed_out_after = time.monotonic() - started
+            done = waits.receive()
+            done_after = time.monotonic() - started
+            assert not timed_out.ok and timed_out.error == errno.ETIMEDOUT
+            assert timed_out_after < DEFAULT_CLIENT_TIMEOUT, f"answered after {timed_out_after:.1f} s"
+            assert done.ok, f"error {done.error} after {done_after:.1f} s"
+            assert done_after < 10, f"answered after {done_after:.1f} s, past the configured 10 s"
+            assert waits.region_read(CONFIG_REGION, 0, 4).ok  # and the device keeps serving
+        # The timed-out reset ran on; a hand-off that does not reset still waits for it.
+        impatient.wait_for(lambda: len(impatient.events("hand-off")) >= 2)  # daemon start, client gone
+        gone = impatient.events("hand-off")[1]
+        assert gone["record"]["reason"] == "client gone" and gone["ok"] is True
+        assert "the client's reset that outlived its deadline ran" in gone["record"]["steps"][0]["detail"]
 
 
 def test_a_failing_reset_is_an_error_reply_and_quarantines_the_device(tmp_path: Path) -> None:

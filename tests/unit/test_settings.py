@@ -10,6 +10,7 @@ import pytest
 from mediator.errors import InputErrors
 from mediator.settings import Access, load_settings
 from mediator.tenancy import allowed_links, device_context
+from mediator.virt.reset import reply_deadline
 from tests.support import device
 
 CONFIG = """
@@ -78,6 +79,18 @@ def test_a_config_loads_with_paths_relative_to_its_folder(tmp_path: Path) -> Non
     assert settings.handoff.reset == "function"
     assert settings.find("SN-BOB") == settings.device("gpu3")
     assert settings.find("0000:3c:00.0") == settings.device("gpu2")
+
+
+def test_client_timeout_is_qemus_default_unless_the_config_says_otherwise(tmp_path: Path) -> None:
+    assert load_settings(write(tmp_path, CONFIG)).client_timeout == 5.0  # x-msg-timeout=5000
+    assert load_settings(write(tmp_path, "client_timeout = 12\n" + CONFIG)).client_timeout == 12.0
+
+
+@pytest.mark.parametrize(("timeout", "deadline"), [(5.0, 4.0), (10.0, 9.0), (60.0, 59.0), (1.0, 0.8)])
+def test_a_guests_reset_is_answered_with_time_to_spare_before_the_client_gives_up(
+    timeout: float, deadline: float
+) -> None:
+    assert reply_deadline(timeout) == pytest.approx(deadline)
 
 
 def test_links_are_allowed_only_to_peers_of_the_same_tenant(tmp_path: Path) -> None:
@@ -162,6 +175,12 @@ BAD = [
         "no device named 'b'",
     ),
     ("device = []\n", "device", "length >= 1"),
+    ('client_timeout = 0\n[[device]]\nname = "a"\nsocket = "s"\nprofile = "p"\n', "client_timeout", "> 0"),
+    (
+        'client_timeout = inf\n[[device]]\nname = "a"\nsocket = "s"\nprofile = "p"\n',
+        "client_timeout",
+        "<= 4294967.295",  # what x-msg-timeout, a uint32 of milliseconds, can say
+    ),
     ('[[device]\nname = "a"\n', "", "invalid TOML"),
 ]
 
