@@ -21,7 +21,8 @@ The first failure ends the hand-off: later steps are recorded as not run,
 except the fabric release, which runs anyway so a partition is never left
 behind. A failed hand-off puts the device in quarantine (``mediator.state``):
 it is refused until an operator releases it. The record goes to the audit
-log and the state directory.
+log and the state directory, where the device's records past the policy's
+``keep`` limits are then removed.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol
+
+import structlog
 
 from mediator.audit import audit_log
 from mediator.commands import run_command
@@ -44,6 +47,8 @@ from mediator.state import StateStore
 from mediator.virt.errors import DeviceError
 from mediator.virt.plan import DevicePlan
 from mediator.virt.reset import ResetMode
+
+log = structlog.get_logger("mediator.handoff")
 
 OK, FAILED, SKIPPED, NOT_RUN = "ok", "failed", "skipped", "not run"
 
@@ -203,12 +208,19 @@ class HandOff:
         concluded: Callable[[HandOffRecord], None] | None,
     ) -> None:
         document = record.to_json()
-        stamp = started.strftime("%Y%m%dT%H%M%S.%fZ")
         try:
-            where = self.state.keep_record(owner.name, stamp, document)
+            where = self.state.keep_record(owner.name, started, document)
         except OSError as e:
             where = None
             audit_log.error("hand-off record not kept", device=owner.name, why=str(e))
+        try:
+            # Ages count to this hand-off's start: its own record is never too old, however long it ran.
+            pruned = self.state.prune_records(owner.name, self.policy.retention, started)
+        except OSError as e:
+            audit_log.error("old hand-off records not pruned", device=owner.name, why=str(e))
+        else:
+            if pruned:
+                log.info("old hand-off records pruned", device=owner.name, removed=pruned)
         failure = record.failure
         if failure is None:
             device.unblock()

@@ -48,6 +48,10 @@ the file and the key::
     rom_sha256 = ["9f86d081..."]        # allow-list for the expansion ROM (optional)
     wipe = ["/usr/local/sbin/gpu-wipe", "{bdf}"]   # device memory sanitisation (optional)
     wipe_timeout = 900                  # seconds
+    keep = 1000                         # hand-off records per device: the newest 1000; or an age,
+                                        # keep = "90d" (s, m, h, d, w); or both, a record past
+                                        # either goes: keep = { newest = 1000, within = "90d" };
+                                        # default: every record stays
 
     [fabric]                            # NVSwitch partitions (Fabric Manager); optional
     activate = ["fmpm", "-a", "{partition}"]
@@ -67,9 +71,11 @@ from __future__ import annotations
 
 import grp
 import pwd
+import re
 import string
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -80,6 +86,7 @@ from mediator.backends.base import BarAccess
 from mediator.errors import InputError, InputErrors
 from mediator.log import LogFormat, LogLevel
 from mediator.pci.address import AddressError, normalize_bdf
+from mediator.state import KEEP_EVERY_RECORD, Retention
 from mediator.tomlinput import convert, read_toml
 from mediator.virt.reset import DEFAULT_CLIENT_TIMEOUT, MAX_CLIENT_TIMEOUT, ResetMode
 
@@ -151,11 +158,45 @@ class DeviceSpec(Struct, forbid_unknown_fields=True, frozen=True):
     access: AccessSpec = msgspec.field(default_factory=AccessSpec)
 
 
+RecordCount = Annotated[int, Meta(ge=1)]
+AGE = re.compile(r"^([1-9][0-9]{0,5})([smhdw])$")  # at most 999999 weeks: a timedelta holds it
+AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_age(text: str) -> timedelta:
+    """``"30d"`` -> 30 days; raises ValueError saying what an age looks like."""
+    match = AGE.match(text)
+    if match is None:
+        raise ValueError(
+            f"{text!r} is not an age: give a whole number from 1 to 999999 and a unit, "
+            's, m, h, d or w (e.g. "90d")'
+        )
+    return timedelta(seconds=int(match.group(1)) * AGE_UNITS[match.group(2)])
+
+
+class KeepSpec(Struct, forbid_unknown_fields=True, frozen=True):
+    newest: RecordCount | None = None
+    within: str | None = None  # an age, parse_age's
+
+
 class HandoffSpec(Struct, forbid_unknown_fields=True, frozen=True):
     reset: ResetMode = "bus"
     rom_sha256: list[Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{64}$")]] = msgspec.field(default_factory=list)
     wipe: Command | None = None
     wipe_timeout: Annotated[float, Meta(gt=0)] = 900.0
+    keep: RecordCount | str | KeepSpec | None = None  # a count, an age or both; None: every record
+
+    @property
+    def retention(self) -> Retention:
+        """``keep`` as the state directory applies it (its ages were checked at load)."""
+        keep = self.keep
+        if keep is None:
+            return KEEP_EVERY_RECORD
+        if isinstance(keep, int):
+            return Retention(newest=keep)
+        if isinstance(keep, str):
+            return Retention(within=parse_age(keep))
+        return Retention(keep.newest, parse_age(keep.within) if keep.within is not None else None)
 
 
 class PartitionSpec(Struct, forbid_unknown_fields=True, frozen=True):
@@ -243,7 +284,7 @@ Problem = tuple[str, str]  # (key path, message)
 
 
 def _check(spec: SettingsSpec, source: str) -> list[InputError]:
-    problems = [*_check_devices(spec.device), *_check_commands(spec)]
+    problems = [*_check_devices(spec.device), *_check_commands(spec), *_check_keep(spec.handoff.keep)]
     if spec.fabric is not None:
         problems += _check_partitions(spec.fabric, {device.name for device in spec.device})
     return [InputError(source, where, message) for where, message in problems]
@@ -292,6 +333,22 @@ def _check_commands(spec: SettingsSpec) -> Iterable[Problem]:
                 f"unknown placeholder {{{sorted(unknown)[0]}}}; it may use "
                 + ", ".join(f"{{{name}}}" for name in sorted(COMMAND_FIELDS[key])),
             )
+
+
+def _check_keep(keep: int | str | KeepSpec | None) -> Iterable[Problem]:
+    ages: dict[str, str] = {}
+    if isinstance(keep, str):
+        ages["handoff.keep"] = keep
+    elif isinstance(keep, KeepSpec):
+        if keep.newest is None and keep.within is None:
+            yield "handoff.keep", "give newest (a count of records), within (an age) or both"
+        if keep.within is not None:
+            ages["handoff.keep.within"] = keep.within
+    for where, age in ages.items():
+        try:
+            parse_age(age)
+        except ValueError as e:
+            yield where, str(e)
 
 
 def _check_partitions(fabric: FabricSpec, names: set[str]) -> Iterable[Problem]:

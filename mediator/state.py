@@ -6,7 +6,12 @@ The state directory holds:
   there. A file, so that it survives a restart and an operator can clear it
   without talking to the daemon (``vfio-mediator release`` removes it; the
   daemon notices at the device's next client);
-- ``handoffs/<device>/<time>.json``: every hand-off;
+- ``handoffs/<device>/<time>.json``: every hand-off, the time in UTC to the
+  microsecond so that names sort as the hand-offs happened. After each one
+  the device's records past the ``[handoff] keep`` limits (``Retention``:
+  the newest N, younger than an age, or both) are removed; by default every
+  record stays. Nothing else in the folder and nothing in ``quarantine/`` is
+  ever removed;
 - ``sessions/<device>.json``: a client is attached. Left behind by a daemon
   that died with a client, it makes the next start hand the device off as a
   recovery;
@@ -24,6 +29,8 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +39,25 @@ HANDOFFS = "handoffs"
 SESSIONS = "sessions"
 OWNERS = "owners.json"
 FABRIC = "fabric.json"
+RECORD_STAMP = "%Y%m%dT%H%M%S.%fZ"  # a hand-off record's name: when it started, in UTC
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Which of a device's hand-off records stay; a record past either limit goes."""
+
+    newest: int | None = None  # the newest N
+    within: timedelta | None = None  # those that started no longer ago than this
+
+    def expired(self, stamps: list[datetime], now: datetime) -> list[datetime]:
+        """Of ``stamps`` (in order, oldest first), those past a limit."""
+        gone = set(stamps[: -self.newest]) if self.newest is not None else set()
+        if self.within is not None:
+            gone |= {stamp for stamp in stamps if now - stamp > self.within}
+        return sorted(gone)
+
+
+KEEP_EVERY_RECORD = Retention()
 
 
 class StateError(Exception):
@@ -85,14 +111,38 @@ class StateStore:
             return False
         return True
 
-    def keep_record(self, device: str, stamp: str, record: dict[str, Any]) -> Path | None:
-        """Write a hand-off record; its path, or None without a state directory."""
+    def keep_record(self, device: str, started: datetime, record: dict[str, Any]) -> Path | None:
+        """Write the record of a hand-off that ``started`` (UTC); its path, or None without a state
+        directory."""
         if self.directory is None:
             return None
-        path = self.directory / HANDOFFS / device / f"{stamp}.json"
+        path = self.directory / HANDOFFS / device / f"{started.strftime(RECORD_STAMP)}.json"
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
         _write(path, record)
         return path
+
+    def prune_records(self, device: str, retention: Retention, now: datetime) -> int:
+        """Remove ``device``'s hand-off records past ``retention``'s limits, their ages counted to
+        ``now``; how many went."""
+        if self.directory is None or retention == KEEP_EVERY_RECORD:
+            return 0
+        records = self._records(device)
+        expired = retention.expired(sorted(records), now)
+        for stamp in expired:
+            records[stamp].unlink(missing_ok=True)
+        return len(expired)
+
+    def _records(self, device: str) -> dict[datetime, Path]:
+        """``device``'s hand-off records by when they started; files named otherwise are not ours."""
+        assert self.directory is not None
+        found = {}
+        for path in (self.directory / HANDOFFS / device).glob("*.json"):
+            try:
+                stamp = datetime.strptime(path.stem, RECORD_STAMP).replace(tzinfo=UTC)
+            except ValueError:
+                continue
+            found[stamp] = path
+        return found
 
     # sessions
     def session_started(self, device: str, client: dict[str, Any]) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from structlog.testing import capture_logs
 from mediator.backends.base import BackendError
 from mediator.backends.profile import Behaviour
 from mediator.handoff import HandOff, HandOffReason, HandOffRecord, Owner
-from mediator.settings import HandoffSpec
+from mediator.settings import HandoffSpec, load_settings
 from mediator.state import StateStore
 from tests.support import StandIn, device, profile
 
@@ -199,3 +201,68 @@ def test_a_failed_bus_reset_falls_back_to_a_function_reset() -> None:
         record.steps[1].detail
         == "function reset (the bus reset failed: VFIO_DEVICE_PCI_HOT_RESET failed: ENOTTY)"
     )
+
+
+# the records a device keeps
+
+
+def handed_off(state: StateStore, policy: HandoffSpec, *runs: str, rom: str = "image") -> list[str]:
+    """A hand-off for each of ``runs`` (its reason's detail); what the records then left say."""
+    dev, _ = device(dataclasses.replace(profile("h100-sxm5"), rom_contents=rom))
+    for run in runs:
+        HandOff(policy, state).run(dev, OWNER, HandOffReason.ON_DEMAND, detail=run)
+    kept = sorted((state.directory or Path()).glob("handoffs/gpu0/*.json"))
+    reasons = [json.loads(path.read_text()).get("reason", path.name) for path in kept]
+    return [reason.removeprefix("on demand (").removesuffix(")") for reason in reasons]
+
+
+def test_every_record_stays_unless_keep_says_otherwise(tmp_path: Path) -> None:
+    state = StateStore(tmp_path)
+    state.prepare()
+    assert handed_off(state, HandoffSpec(), "a", "b", "c", "d") == ["a", "b", "c", "d"]
+
+
+def test_keep_a_count_leaves_the_newest_records_of_each_device(tmp_path: Path) -> None:
+    state = StateStore(tmp_path)
+    state.prepare()
+    other = tmp_path / "handoffs" / "gpu1"
+    other.mkdir()
+    (other / "20200101T000000.000000Z.json").write_text("{}")  # another device's: not counted
+    assert handed_off(state, HandoffSpec(keep=2), "a", "b", "c", "d") == ["c", "d"]
+    assert (other / "20200101T000000.000000Z.json").exists()
+
+
+def test_keep_an_age_and_a_count_removes_what_is_past_either(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        '[[device]]\nname = "gpu0"\nprofile = "h100-sxm5"\nsocket = "s"\n'
+        '[handoff]\nkeep = { newest = 3, within = "30d" }\n'
+    )
+    policy = load_settings(path).handoff
+    state = StateStore(tmp_path / "state")
+    state.prepare()
+    now = datetime.now(UTC)
+    for days in (40, 1):  # left by earlier hand-offs
+        state.keep_record("gpu0", now - timedelta(days=days), {"reason": f"{days} days ago"})
+    notes = tmp_path / "state" / "handoffs" / "gpu0" / "notes.json"  # not a record: never removed
+    notes.write_text("{}")
+    # 40 days is too old, though among the newest 3; then 1 day is recent, but past the newest 3
+    assert handed_off(state, policy, "a") == ["1 days ago", "a", "notes.json"]
+    assert handed_off(state, policy, "b", "c") == ["a", "b", "c", "notes.json"]
+
+
+def test_a_hand_off_that_takes_longer_than_the_age_keeps_its_own_record(tmp_path: Path) -> None:
+    state = StateStore(tmp_path)
+    state.prepare()
+    slow_wipe = [sys.executable, "-c", "import time; time.sleep(1.5)"]
+    assert handed_off(state, HandoffSpec(wipe=slow_wipe, keep="1s"), "a", "b") == ["b"]
+
+
+def test_quarantine_records_are_never_pruned(tmp_path: Path) -> None:
+    state = StateStore(tmp_path)
+    state.prepare()
+    policy = HandoffSpec(keep=1)
+    assert handed_off(state, policy, "a", rom="blank") == ["a"]
+    assert handed_off(state, policy, "b", "c") == ["c"]  # a's record went, its quarantine stays
+    quarantined = state.quarantined("gpu0")
+    assert quarantined is not None and quarantined["reason"] == "on demand (a)"

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import grp
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from mediator.errors import InputErrors
 from mediator.settings import Access, load_settings
+from mediator.state import Retention
 from mediator.tenancy import allowed_links, device_context
 from mediator.virt.reset import reply_deadline
 from tests.support import device
@@ -84,6 +86,20 @@ def test_a_config_loads_with_paths_relative_to_its_folder(tmp_path: Path) -> Non
 def test_client_timeout_is_qemus_default_unless_the_config_says_otherwise(tmp_path: Path) -> None:
     assert load_settings(write(tmp_path, CONFIG)).client_timeout == 5.0  # x-msg-timeout=5000
     assert load_settings(write(tmp_path, "client_timeout = 12\n" + CONFIG)).client_timeout == 12.0
+
+
+@pytest.mark.parametrize(
+    ("keep", "retention"),
+    [
+        ("", Retention()),  # every record stays
+        ("keep = 200", Retention(newest=200)),
+        ('keep = "12h"', Retention(within=timedelta(hours=12))),
+        ('keep = { newest = 50, within = "2w" }', Retention(50, timedelta(weeks=2))),
+    ],
+)
+def test_handoff_keep_takes_a_count_an_age_or_both(tmp_path: Path, keep: str, retention: Retention) -> None:
+    settings = load_settings(write(tmp_path, CONFIG + keep + "\n"))  # CONFIG ends in [handoff]
+    assert settings.handoff.retention == retention
 
 
 @pytest.mark.parametrize(("timeout", "deadline"), [(5.0, 4.0), (10.0, 9.0), (60.0, 59.0), (1.0, 0.8)])
@@ -174,6 +190,17 @@ BAD = [
         "fabric.partition[0].devices",
         "no device named 'b'",
     ),
+    *[
+        ('[[device]]\nname = "a"\nsocket = "s"\nprofile = "p"\n[handoff]\nkeep = ' + keep, where, message)
+        for keep, where, message in [
+            ("0\n", "handoff.keep", ">= 1"),
+            ('"30 days"\n', "handoff.keep", "'30 days' is not an age: give a whole number from 1 to 999999"),
+            ('"0d"\n', "handoff.keep", "is not an age"),
+            ('{ within = "1y" }\n', "handoff.keep.within", "'1y' is not an age"),
+            ("{}\n", "handoff.keep", "give newest (a count of records), within (an age) or both"),
+            ("1.5\n", "handoff.keep", "Expected `int | str | object | null`, got `float`"),
+        ]
+    ],
     ("device = []\n", "device", "length >= 1"),
     ('client_timeout = 0\n[[device]]\nname = "a"\nsocket = "s"\nprofile = "p"\n', "client_timeout", "> 0"),
     (
