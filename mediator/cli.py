@@ -141,21 +141,22 @@ def _command_line_settings(args: argparse.Namespace) -> Settings:
     )
 
 
+def _in_the_config(**flags: object) -> None:
+    """Refuse the flags given (a flag's value, by its name) that a config file says instead."""
+    given = [f"--{name.replace('_', '-')}" for name, value in flags.items() if value]
+    if given:
+        raise InputErrors([InputError("the command line", "", f"{given[0]} goes in the config file")])
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.config is not None:
-        given = [
-            flag
-            for flag, value in (
-                ("--socket", args.socket),
-                ("--device", args.device),
-                ("--reset", args.reset),
-                ("--state-directory", args.state_directory),
-                ("--client-timeout", args.client_timeout),
-            )
-            if value
-        ]
-        if given:
-            raise InputErrors([InputError("the command line", "", f"{given[0]} goes in the config file")])
+        _in_the_config(
+            socket=args.socket,
+            device=args.device,
+            reset=args.reset,
+            state_directory=args.state_directory,
+            client_timeout=args.client_timeout,
+        )
         settings = load_settings(args.config)
     elif args.socket is None and "LISTEN_FDS" not in os.environ:
         raise InputErrors(
@@ -370,8 +371,29 @@ def run_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor_settings(args: argparse.Namespace) -> tuple[float, StateStore | None, str | None]:
+    """The client timeout, the state directory and the function's name there that doctor reads."""
+    if args.config is None:
+        state = StateStore(args.state_directory) if args.state_directory else None
+        return args.client_timeout or DEFAULT_CLIENT_TIMEOUT, state, None
+    _in_the_config(state_directory=args.state_directory, client_timeout=args.client_timeout)
+    settings = load_settings(args.config)
+    spec = settings.find(args.device)
+    return settings.client_timeout, StateStore(settings.state_directory), spec.name if spec else None
+
+
 def run_doctor(args: argparse.Namespace) -> int:
-    findings = preflight.doctor(args.device, args.sysfs, args.guest_ram, proc=args.proc, dev=args.dev)
+    client_timeout, state, name = _doctor_settings(args)
+    findings = preflight.doctor(
+        args.device,
+        args.sysfs,
+        args.guest_ram,
+        proc=args.proc,
+        dev=args.dev,
+        client_timeout=client_timeout,
+        state=state,
+        name=name,
+    )
     errors = sum(f.severity == "error" for f in findings)
     if args.json:
         document = {"device": args.device, "errors": errors, "findings": [asdict(f) for f in findings]}
@@ -410,7 +432,9 @@ def _preflight_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         help="check a function before serving it, and say how to fix what is wrong",
         description="Check everything that would stop the daemon serving a function or weaken its "
         "isolation: driver, IOMMU group, VFIO nodes, reset method, expansion ROM, ATS on the host, "
-        "ACS above it, RLIMIT_MEMLOCK. One line per check (ok, warning, error) with the fix under "
+        "ACS above it, RLIMIT_MEMLOCK; then how long pinning the guest's RAM takes on this host (from "
+        "a short mlock sample) and whether the function's recorded resets fit in the client's timeout. "
+        "One line per check (ok, warning, error) with the fix under "
         "it. Exit 1 when a check is an error; warnings do not fail. Reading the ROM needs root and "
         "briefly enables it: run doctor while the device is not in use.",
     )
@@ -421,8 +445,23 @@ def _preflight_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         "--guest-ram",
         type=parse_size,
         metavar="SIZE",
-        help="the guest's RAM (e.g. 64G), to check RLIMIT_MEMLOCK against",
+        help="the guest's RAM (e.g. 64G), to check RLIMIT_MEMLOCK against and estimate pinning it",
     )
+    doctor_command.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="the daemon config: its client_timeout, and the state directory whose hand-off records say "
+        "how long the function's resets took",
+    )
+    doctor_command.add_argument(
+        "--state-directory",
+        type=Path,
+        metavar="DIR",
+        help="without --config: the state directory of `serve --device` (its records name the function "
+        "by its address)",
+    )
+    _client_timeout_argument(doctor_command)
     doctor_command.add_argument("--json", action="store_true", help="print one JSON object")
     _tree_arguments(doctor_command, "sysfs", "proc", "dev")
     doctor_command.set_defaults(run=run_doctor)

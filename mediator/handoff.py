@@ -100,6 +100,16 @@ class HandOffRecord:
         return {**asdict(self), "ok": self.ok}
 
 
+def reset_seconds(record: dict[str, Any]) -> float | None:
+    """How long the hardware reset of a kept record (``HandOffRecord.to_json``) took; None: it had none."""
+    steps = record.get("steps")
+    for step in steps if isinstance(steps, list) else []:
+        if isinstance(step, dict) and step.get("name") == "reset" and step.get("result") in (OK, FAILED):
+            seconds = step.get("seconds")
+            return float(seconds) if isinstance(seconds, int | float) else None
+    return None
+
+
 @dataclass(frozen=True)
 class Owner:
     """Whose device it is, for the record and the wipe command."""

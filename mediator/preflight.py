@@ -6,7 +6,22 @@ group and the device-specific quirks that match it. ``doctor`` runs each
 check the daemon (or its hand-off) would otherwise fail or warn about later
 (driver, group viability, VFIO nodes, reset, expansion ROM, ATS on the host,
 ACS above the function, RLIMIT_MEMLOCK) and turns each into a ``Finding``
-with the fix. Capabilities come from the function's sysfs ``config`` file
+with the fix, then says what a guest will wait for: how long pinning its
+RAM takes here, and whether the device's resets fit in the client's timeout.
+
+Pinning is estimated from a sample, not a constant: a 64M memfd (and one of
+huge pages when the kernel has some free) is mapped and mlocked, which
+faults in, zeroes and locks its pages the way VFIO type1's
+pin_user_pages does for guest RAM QEMU never touched, and the time is
+scaled to the guest's RAM. VFIO also maps every page in the IOMMU, which
+the sample leaves out. Under an RLIMIT_MEMLOCK too low for 64M the sample
+is what the limit allows, or, below 4M, the mapping is faulted in with
+MAP_POPULATE instead, without locking; the finding says which. The reset
+check reads how long the device's resets took from its hand-off records
+(``mediator.state``) and compares the longest with the deadline the
+daemon's ``client_timeout`` gives (``mediator.virt.reset``).
+
+Capabilities come from the function's sysfs ``config`` file
 through ``mediator.pci.chain.walk``; without root the kernel shows only its
 first 64 bytes, and the checks that need more say so. The ROM is read the
 way the kernel wants it: enabled by writing "1" to ``rom``, and with the
@@ -17,8 +32,14 @@ parameters so tests can point them at trees of their own.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import math
+import mmap
+import os
+import re
 import resource
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +49,7 @@ from typing import Any, Literal
 from mediator.backends import advice
 from mediator.backends.pinning import has_cap_ipc_lock
 from mediator.backends.sysfs import Members, driver_of, group_blockers, iommu_group_of, is_vfio_driver
+from mediator.handoff import reset_seconds
 from mediator.pci import capabilities as caps
 from mediator.pci.address import BDF, AddressError, normalize_bdf
 from mediator.pci.bars import format_size
@@ -37,6 +59,8 @@ from mediator.pci.registers import CONFIG_SPACE_SIZE, EXTENDED_CONFIG_SPACE_SIZE
 from mediator.pci.rom import RomError, check_rom
 from mediator.quirks.schema import Match
 from mediator.quirks.table import QuirkTable
+from mediator.state import StateStore
+from mediator.virt.reset import DEFAULT_CLIENT_TIMEOUT, client_timeout_for, reply_deadline
 
 SYSFS = Path("/sys")
 PROC = Path("/proc")
@@ -404,10 +428,233 @@ def _memlock(guest_ram: int | None, proc: Path) -> Finding:
     )
 
 
+# pinning: a sample of this host
+
+SAMPLE_SIZE = 64 << 20
+# A smaller mlock sample is over too fast to time well: below it, fault the pages in without locking.
+MIN_MLOCK_SAMPLE = 4 << 20
+BASE_PAGE = mmap.PAGESIZE
+
+
+@dataclass(frozen=True)
+class PinSample:
+    """``size`` bytes of ``page``-sized pages mapped and pinned (or only faulted in) in ``seconds``."""
+
+    page: int
+    size: int
+    seconds: float
+    how: str  # how the pages were pinned, and why not with mlock when they were not
+
+    def estimate(self, size: int) -> float:
+        return self.seconds * size / self.size
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+
+
+class MlockFailed(OSError):
+    """mlock(2) refused: the sample falls back to faulting the pages in."""
+
+
+def _mlock(mapping: mmap.mmap, size: int) -> None:
+    anchor = ctypes.c_char.from_buffer(mapping)
+    address = ctypes.addressof(anchor)
+    del anchor  # the mapping cannot be closed while a ctypes object exports its buffer
+    if _libc.mlock(address, size) != 0:
+        number = ctypes.get_errno()
+        raise MlockFailed(number, os.strerror(number))
+
+
+def _meminfo(proc: Path) -> dict[str, int]:
+    """``/proc/meminfo``'s numbers (kB, or counts for HugePages_*); empty when unreadable."""
+    try:
+        text = (proc / "meminfo").read_text()
+    except OSError:
+        return {}
+    found = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if value.split() and value.split()[0].isdigit():
+            found[key] = int(value.split()[0])
+    return found
+
+
+def _lockable(proc: Path) -> int | None:
+    """The bytes this process may lock now; None: as many as it likes."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft == resource.RLIM_INFINITY or has_cap_ipc_lock(proc):
+        return None
+    try:
+        status = (proc / "self/status").read_text()
+    except OSError:
+        status = ""
+    locked = re.search(r"^VmLck:\s*(\d+) kB$", status, re.MULTILINE)
+    return max(0, soft - (int(locked.group(1)) << 10 if locked else 0))
+
+
+def _time_pinning(page: int, size: int, *, lock: bool) -> float:
+    """Seconds to map a fresh memfd of ``size`` bytes in ``page``-sized pages and mlock it, or
+    (``lock`` false) fault it in with MAP_POPULATE.
+
+    Raises:
+        OSError: the memfd, its mapping or the mlock failed.
+    """
+    fd = os.memfd_create(
+        "vfio-mediator-doctor", os.MFD_CLOEXEC | (os.MFD_HUGETLB if page != BASE_PAGE else 0)
+    )
+    try:
+        os.ftruncate(fd, size)
+        clock = time.perf_counter()
+        if not lock:
+            with mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE):
+                return time.perf_counter() - clock
+        with mmap.mmap(fd, size) as mapping:
+            _mlock(mapping, size)
+            return time.perf_counter() - clock
+    finally:
+        os.close(fd)
+
+
+def _sample(page: int, lockable: int | None, largest: int = SAMPLE_SIZE) -> PinSample:
+    """Pinning up to ``largest`` bytes of ``page``-sized pages, timed, with as much mlock as the limit allows.
+
+    Raises:
+        OSError: the memfd or its mapping cannot be made (no huge pages after all).
+    """
+    size = largest // page * page
+    if lockable is not None and lockable < size:
+        fits = lockable // page * page
+        if fits < MIN_MLOCK_SAMPLE:
+            limited = f"MAP_POPULATE, as RLIMIT_MEMLOCK leaves {format_size(lockable)} to mlock"
+            return PinSample(page, size, _time_pinning(page, size, lock=False), limited)
+        size = fits
+    try:
+        return PinSample(page, size, _time_pinning(page, size, lock=True), "mlock")
+    except MlockFailed as e:
+        failed = f"MAP_POPULATE, as mlock failed ({e.strerror})"
+        return PinSample(page, size, _time_pinning(page, size, lock=False), failed)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.2g} s"
+
+
+def _huge_pages(proc: Path, lockable: int | None) -> tuple[PinSample | None, str]:
+    """A sample of the default huge page size, or None and why there is none."""
+    meminfo = _meminfo(proc)
+    page, free = meminfo.get("Hugepagesize", 0) << 10, meminfo.get("HugePages_Free", 0)
+    if not page:
+        return None, "this kernel has no huge pages"
+    if not free:
+        return None, f"no free {format_size(page)} huge pages to sample"
+    if page > SAMPLE_SIZE:
+        return None, f"{format_size(page)} huge pages are larger than a sample"
+    try:
+        return _sample(page, lockable, min(SAMPLE_SIZE, free * page)), ""
+    except OSError as e:
+        return None, f"{format_size(page)} huge pages could not be sampled ({e.strerror})"
+
+
+def _pinning(guest_ram: int | None, proc: Path) -> Finding:
+    lockable = _lockable(proc)
+    try:
+        samples = [_sample(BASE_PAGE, lockable)]
+    except OSError as e:
+        return Finding(
+            "warning",
+            "pinning",
+            f"cannot sample how long pinning takes: a {format_size(SAMPLE_SIZE)} memfd cannot be mapped "
+            f"({e.strerror})",
+            "none needed to serve the device; the estimate needs memfd_create and mmap",
+        )
+    huge, no_huge = _huge_pages(proc, lockable)
+    if huge is not None:
+        samples.append(huge)
+    measured = "; ".join(
+        f"{format_size(s.page)} pages: {format_size(s.size)} in {s.seconds * 1000:.1f} ms by {s.how}"
+        for s in samples
+    )
+    method = (
+        f"From a sample ({measured}{'; ' + no_huge if no_huge else ''}): mlock faults in, zeroes and locks "
+        "pages as VFIO's pin does, and VFIO maps each one in the IOMMU on top"
+    )
+    if guest_ram is None:
+        rates = " and ".join(
+            f"{_duration(s.estimate(1 << 30))} per 1G in {format_size(s.page)} pages" for s in samples
+        )
+        return Finding(
+            "ok",
+            "pinning",
+            f"pinning guest RAM takes about {rates} (--guest-ram SIZE estimates a guest's). {method}",
+        )
+    estimates = [_duration(s.estimate(guest_ram)) for s in samples]
+    each = " and ".join(
+        f"{e} in {format_size(s.page)} pages" for e, s in zip(estimates, samples, strict=True)
+    )
+    in_huge_pages = f" ({estimates[1]} in huge pages)" if huge is not None else ""
+    return Finding(
+        "ok",
+        "pinning",
+        f"pinning {format_size(guest_ram)} of guest RAM takes about {each}, so the device can DMA about "
+        f"{estimates[0]} after QEMU maps the guest's RAM{in_huge_pages}: the daemon answers DMA_MAP at once "
+        f"and holds the device's Bus Master Enable off until the RAM is pinned. {method}",
+    )
+
+
+# A reset takes longer some times than others and the records are a sample: advise a deadline a
+# quarter above the longest recorded.
+RESET_HEADROOM = 1.25
+
+
+def _timeouts(client_timeout: float) -> str:
+    """The daemon's setting and QEMU's, which must say the same."""
+    milliseconds = f"{client_timeout * 1000:.0f}"
+    return f"client_timeout = {client_timeout:g} and x-msg-timeout={milliseconds} on -device vfio-user-pci"
+
+
+def _reset_time(name: str, client_timeout: float, state: StateStore | None) -> Finding:
+    deadline = reply_deadline(client_timeout)
+    answered = f"a guest's reset is answered within {deadline:g} s ({_timeouts(client_timeout)})"
+    if state is None or state.directory is None:
+        return Finding(
+            "ok",
+            "timeout",
+            f"{answered}; --config FILE (or --state-directory DIR) compares the resets hand-offs recorded",
+        )
+    durations = [d for d in map(reset_seconds, state.records(name)) if d is not None]
+    if not durations:
+        return Finding("ok", "timeout", f"{answered}; no reset of {name} is recorded in {state.directory}")
+    longest = max(durations)
+    took = f"resets of {name} took up to {longest:.1f} s in {len(durations)} recorded hand-offs"
+    if longest <= deadline:
+        return Finding("ok", "timeout", f"{took}: {answered}")
+    advised = math.ceil(client_timeout_for(longest * RESET_HEADROOM))
+    return Finding(
+        "warning",
+        "timeout",
+        f"{took}, longer than the {deadline:g} s a guest's reset is answered within "
+        f"(client_timeout = {client_timeout:g}): such a reset fails with ETIMEDOUT and ends the session",
+        f"set {_timeouts(advised)} (without a config: serve --client-timeout {advised})",
+    )
+
+
 def doctor(
-    bdf: str, root: Path = SYSFS, guest_ram: int | None = None, *, proc: Path = PROC, dev: Path = DEV
+    bdf: str,
+    root: Path = SYSFS,
+    guest_ram: int | None = None,
+    *,
+    proc: Path = PROC,
+    dev: Path = DEV,
+    client_timeout: float = DEFAULT_CLIENT_TIMEOUT,
+    state: StateStore | None = None,
+    name: str | None = None,
 ) -> list[Finding]:
-    """Every check for serving the function at ``bdf``, with guest RAM of ``guest_ram`` bytes."""
+    """Every check for serving the function at ``bdf``, with guest RAM of ``guest_ram`` bytes.
+
+    ``client_timeout`` is the daemon's; ``state`` holds the hand-off records of the function, under
+    ``name`` (its name in the config; default: its address, as ``serve --device`` names it).
+    """
     try:
         address = normalize_bdf(bdf)
     except AddressError as e:
@@ -440,4 +687,6 @@ def doctor(
         _ats(chains),
         _acs(device),
         _memlock(guest_ram, proc),
+        _pinning(guest_ram, proc),
+        _reset_time(name or address, client_timeout, state),
     ]

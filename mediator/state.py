@@ -132,6 +132,20 @@ class StateStore:
             records[stamp].unlink(missing_ok=True)
         return len(expired)
 
+    def records(self, device: str) -> list[dict[str, Any]]:
+        """``device``'s readable hand-off records, oldest first."""
+        if self.directory is None:
+            return []
+        found = []
+        for _, path in sorted(self._records(device).items()):
+            try:
+                loaded = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            if isinstance(loaded, dict):
+                found.append(loaded)
+        return found
+
     def _records(self, device: str) -> dict[datetime, Path]:
         """``device``'s hand-off records by when they started; files named otherwise are not ours."""
         assert self.directory is not None

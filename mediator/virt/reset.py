@@ -55,6 +55,11 @@ def reply_deadline(client_timeout: float) -> float:
     return client_timeout - min(1.0, client_timeout / 5)
 
 
+def client_timeout_for(deadline: float) -> float:
+    """The client timeout whose ``reply_deadline`` is ``deadline``."""
+    return deadline + 1.0 if deadline >= reply_deadline(5.0) else deadline / 0.8
+
+
 class Resets:
     def __init__(
         self,

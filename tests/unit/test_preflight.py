@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 import resource
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
 import pytest
 
 from mediator.cli import main, parse_size
+from mediator.handoff import HandOffRecord, Step
 from mediator.pci.registers import Identity
 from mediator.pci.rom import build_rom
 from mediator.preflight import Finding, doctor, list_devices
+from mediator.state import StateStore
+from mediator.virt.reset import DEFAULT_CLIENT_TIMEOUT
 from tests.fakesysfs import ACS_ISOLATED, FakeSysfs, fake_dev, fake_proc, root_port, with_ats
 from tests.support import profile
 
@@ -52,13 +57,41 @@ class Machine:
             rom=build_rom(Identity.of(config), 0x20000) if rom == "valid" else rom,
         )
 
-    def doctor(self, bdf: str = GPU, guest_ram: int | None = None) -> dict[str, Finding]:
-        findings = doctor(bdf, self.sysfs.root, guest_ram, proc=self.proc, dev=self.dev)
+    def doctor(
+        self,
+        bdf: str = GPU,
+        guest_ram: int | None = None,
+        *,
+        client_timeout: float = DEFAULT_CLIENT_TIMEOUT,
+        state: StateStore | None = None,
+    ) -> dict[str, Finding]:
+        findings = doctor(
+            bdf,
+            self.sysfs.root,
+            guest_ram,
+            proc=self.proc,
+            dev=self.dev,
+            client_timeout=client_timeout,
+            state=state,
+        )
         return {f.check: f for f in findings}
 
 
 # Every check doctor makes, in the order it prints them.
-DOCTOR_CHECKS = ("function", "driver", "iommu", "vfio-api", "p2p", "reset", "rom", "ats", "acs", "memlock")
+DOCTOR_CHECKS = (
+    "function",
+    "driver",
+    "iommu",
+    "vfio-api",
+    "p2p",
+    "reset",
+    "rom",
+    "ats",
+    "acs",
+    "memlock",
+    "pinning",
+    "timeout",
+)
 
 
 @pytest.fixture
@@ -268,6 +301,109 @@ def test_memlock_below_the_guest_ram_without_cap_ipc_lock(
     assert machine.doctor()["memlock"].found.startswith("RLIMIT_MEMLOCK 8M")
 
 
+def estimate(pinning: Finding) -> str:
+    """What the pinning finding estimates for the guest's RAM in 4K pages, e.g. ``0.41``."""
+    found = re.search(r"takes about ([0-9.]+) s in 4K pages", pinning.found)
+    assert found, pinning.found
+    return found.group(1)
+
+
+def test_pinning_the_guest_ram_is_estimated_from_an_mlock_sample(machine: Machine) -> None:
+    machine.gpu()
+    pinning = machine.doctor(guest_ram=64 << 30)["pinning"]
+    assert pinning.severity == "ok" and not pinning.fix
+    assert pinning.found.startswith("pinning 64G of guest RAM takes about ")
+    assert float(estimate(pinning)) > 0
+    assert f"the device can DMA about {estimate(pinning)} s after QEMU maps the guest's RAM" in pinning.found
+    assert "4K pages: 64M in " in pinning.found and " ms by mlock" in pinning.found
+    assert "VFIO maps each one in the IOMMU on top" in pinning.found
+
+
+def test_without_guest_ram_pinning_is_a_rate(machine: Machine) -> None:
+    machine.gpu()
+    pinning = machine.doctor()["pinning"]
+    assert re.search(r"takes about [0-9.]+ s per 1G in 4K pages \(--guest-ram SIZE", pinning.found), (
+        pinning.found
+    )
+
+
+@pytest.mark.parametrize(
+    ("limit", "sampled"),
+    [
+        (16 << 20, "4K pages: 16M in "),  # what the limit allows, still by mlock
+        (64 << 10, "4K pages: 64M in "),  # too little to time: faulted in instead
+    ],
+)
+def test_a_low_memlock_limit_samples_what_it_allows_and_says_how(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: int, sampled: str
+) -> None:
+    machine = Machine(tmp_path, cap_eff=0)
+    machine.gpu()
+    monkeypatch.setattr(resource, "getrlimit", lambda _which: (limit, limit))
+    pinning = machine.doctor(guest_ram=8 << 30)["pinning"]
+    assert sampled in pinning.found and float(estimate(pinning)) > 0
+    if limit < 4 << 20:
+        assert "by MAP_POPULATE, as RLIMIT_MEMLOCK leaves 64K to mlock" in pinning.found
+    else:
+        assert " ms by mlock" in pinning.found
+
+
+def test_huge_pages_are_sampled_when_the_kernel_has_free_ones(machine: Machine) -> None:
+    machine.gpu()
+    meminfo = machine.proc / "meminfo"
+    meminfo.write_text("MemTotal: 8000000 kB\nHugePages_Free:        0\nHugepagesize:       2048 kB\n")
+    assert "no free 2M huge pages to sample" in machine.doctor(guest_ram=8 << 30)["pinning"].found
+    # This host may have none after all: then the sample says why it could not be taken.
+    meminfo.write_text("MemTotal: 8000000 kB\nHugePages_Free:       16\nHugepagesize:       2048 kB\n")
+    pinning = machine.doctor(guest_ram=8 << 30)["pinning"]
+    assert "2M pages: 32M in " in pinning.found or "2M huge pages could not be sampled (" in pinning.found
+
+
+def recorded(state: StateStore, name: str, *resets: float, result: str = "ok") -> None:
+    """Hand-off records of ``name`` whose resets took ``resets`` seconds, as the daemon keeps them."""
+    started = datetime.now(UTC)
+    for n, seconds in enumerate(resets):
+        record = HandOffRecord(name, GPU, "alice", "client gone", started.isoformat())
+        record.steps = [
+            Step("release", "ok", "0 DMA mappings, 0 eventfds"),
+            Step("reset", result, "", seconds),
+        ]
+        state.keep_record(name, started + timedelta(seconds=n), record.to_json())
+
+
+def test_resets_longer_than_the_deadline_get_the_timeouts_to_set(machine: Machine, tmp_path: Path) -> None:
+    machine.gpu()
+    state = StateStore(tmp_path / "state")
+    state.prepare()
+    recorded(state, GPU, 1.2, 6.2)
+    recorded(state, GPU, 30.0, result="skipped")  # not reset (reset = "none"): no time to count
+    timeout = machine.doctor(state=state)["timeout"]
+    assert timeout.severity == "warning"
+    assert timeout.found.startswith(f"resets of {GPU} took up to 6.2 s in 2 recorded hand-offs")
+    assert "longer than the 4 s a guest's reset is answered within (client_timeout = 5)" in timeout.found
+    assert timeout.fix == (
+        "set client_timeout = 9 and x-msg-timeout=9000 on -device vfio-user-pci "
+        "(without a config: serve --client-timeout 9)"
+    )
+    advised = machine.doctor(state=state, client_timeout=9)["timeout"]
+    assert advised.severity == "ok" and not advised.fix
+    assert advised.found == (
+        f"resets of {GPU} took up to 6.2 s in 2 recorded hand-offs: a guest's reset is answered within 8 s "
+        "(client_timeout = 9 and x-msg-timeout=9000 on -device vfio-user-pci)"
+    )
+
+
+def test_resets_within_the_deadline_need_no_other_timeout(machine: Machine, tmp_path: Path) -> None:
+    machine.gpu()
+    state = StateStore(tmp_path / "state")
+    state.prepare()
+    assert f"no reset of {GPU} is recorded in " in machine.doctor(state=state)["timeout"].found
+    recorded(state, GPU, 0.4, 3.9)
+    timeout = machine.doctor(state=state)["timeout"]
+    assert timeout.severity == "ok" and not timeout.fix
+    assert "took up to 3.9 s" in timeout.found and "x-msg-timeout=5000" in timeout.found
+
+
 def test_the_vfio_api_the_daemon_will_use(machine: Machine) -> None:
     device = machine.gpu()
     assert "/dev/vfio/vfio and " in machine.doctor()["vfio-api"].found
@@ -361,6 +497,27 @@ def test_doctor_json(machine: Machine, capsys: pytest.CaptureFixture[str]) -> No
     assert document["device"] == GPU and document["errors"] == 1
     rom = next(f for f in document["findings"] if f["check"] == "rom")
     assert rom["severity"] == "error" and rom["fix"].startswith("restore the vendor's firmware")
+
+
+def test_doctor_reads_the_config_for_the_client_timeout_and_the_recorded_resets(
+    machine: Machine, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    machine.gpu()
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'state_directory = "state"\nclient_timeout = 6\n[[device]]\nname = "gpu0"\nbdf = "{GPU}"\n'
+        'socket = "gpu0.sock"\n'
+    )
+    recorded(StateStore(tmp_path / "state"), "gpu0", 5.5)
+    assert run(*doctor_args(machine, "--config", str(config))) == 0  # a warning
+    out = capsys.readouterr().out
+    assert (
+        "warning  timeout   resets of gpu0 took up to 5.5 s in 1 recorded hand-offs, longer than the 5 s"
+        in out
+    )
+    assert "         fix: set client_timeout = 8 and x-msg-timeout=8000 on -device vfio-user-pci" in out
+    assert run(*doctor_args(machine, "--config", str(config), "--client-timeout", "9")) == 2
+    assert "error: the command line: --client-timeout goes in the config file" in capsys.readouterr().err
 
 
 def test_devices_text_and_json(machine: Machine, capsys: pytest.CaptureFixture[str]) -> None:
