@@ -37,7 +37,6 @@ import errno
 import math
 import mmap
 import os
-import re
 import resource
 import time
 from collections.abc import Iterator
@@ -47,7 +46,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mediator.backends import advice
-from mediator.backends.pinning import has_cap_ipc_lock
+from mediator.backends.pinning import has_cap_ipc_lock, lockable_bytes
 from mediator.backends.sysfs import Members, driver_of, group_blockers, iommu_group_of, is_vfio_driver
 from mediator.handoff import reset_seconds
 from mediator.pci import capabilities as caps
@@ -480,19 +479,6 @@ def _meminfo(proc: Path) -> dict[str, int]:
     return found
 
 
-def _lockable(proc: Path) -> int | None:
-    """The bytes this process may lock now; None: as many as it likes."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    if soft == resource.RLIM_INFINITY or has_cap_ipc_lock(proc):
-        return None
-    try:
-        status = (proc / "self/status").read_text()
-    except OSError:
-        status = ""
-    locked = re.search(r"^VmLck:\s*(\d+) kB$", status, re.MULTILINE)
-    return max(0, soft - (int(locked.group(1)) << 10 if locked else 0))
-
-
 def _time_pinning(page: int, size: int, *, lock: bool) -> float:
     """Seconds to map a fresh memfd of ``size`` bytes in ``page``-sized pages and mlock it, or
     (``lock`` false) fault it in with MAP_POPULATE.
@@ -557,7 +543,7 @@ def _huge_pages(proc: Path, lockable: int | None) -> tuple[PinSample | None, str
 
 
 def _pinning(guest_ram: int | None, proc: Path) -> Finding:
-    lockable = _lockable(proc)
+    lockable = lockable_bytes(proc)
     try:
         samples = [_sample(BASE_PAGE, lockable)]
     except OSError as e:

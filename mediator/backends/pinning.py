@@ -243,18 +243,23 @@ def has_cap_ipc_lock(proc: Path = PROC) -> bool:
     return effective is not None and bool(int(effective.group(1), 16) >> CAP_IPC_LOCK & 1)
 
 
-def memlock_refusal(size: int, proc: Path = PROC) -> str | None:
-    """Why pinning ``size`` more bytes would exceed RLIMIT_MEMLOCK (the kernel counts pins as VmLck)."""
+def lockable_bytes(proc: Path = PROC) -> int | None:
+    """What this process may still lock under RLIMIT_MEMLOCK (pins count as VmLck); None: no limit."""
     soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     if soft == resource.RLIM_INFINITY or has_cap_ipc_lock(proc):
         return None
     try:
-        locked = re.search(r"^VmLck:\s*(\d+) kB$", (proc / "self/status").read_text(), re.MULTILINE)
+        status = (proc / "self/status").read_text()
     except OSError:
-        return None  # the kernel will say
-    if locked is not None and (int(locked.group(1)) << 10) + size <= soft:
-        return None
-    return advice.memlock(size)
+        status = ""
+    locked = re.search(r"^VmLck:\s*(\d+) kB$", status, re.MULTILINE)
+    return max(0, soft - (int(locked.group(1)) << 10 if locked else 0))
+
+
+def memlock_refusal(size: int, proc: Path = PROC) -> str | None:
+    """Why pinning ``size`` more bytes would exceed RLIMIT_MEMLOCK, with the fix; None if it would not."""
+    room = lockable_bytes(proc)
+    return None if room is None or size <= room else advice.memlock(size)
 
 
 def _next_chunk(size: int, seconds: float) -> int:
