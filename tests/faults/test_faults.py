@@ -486,12 +486,15 @@ def test_a_vm_losing_one_device_mid_dma_keeps_its_memory_for_the_others(tmp_path
             assert a.dma_map(0x100000, 1 << 20, ram).ok and b.dma_map(0x100000, 1 << 20, ram).ok
             assert run_engine(b, 0x100100, 0x1000, 10, 0x1)  # RAM -> gpu1's BAR, under way
             b.client.close()  # gpu1's connection dies; gpu0 goes on DMAing
-            daemon.wait_for(lambda: daemon.counts["hand-off"] > 2, 30)
+            vm = str(os.getpid())
+            daemon.wait_for(
+                lambda: sample(scrape(tmp_path / "metrics.sock"), "vfio_mediator_vm_devices", vm=vm) == 1, 30
+            )  # gpu1 has left the VM (its hand-off line comes before the VM's metrics say so)
             assert run_engine(a, 0x100100, 0x2000, 10, 0x1)
             assert a.region_read(0, 0x2000, 10).payload[16:] == b"guest data"
             metrics = scrape(tmp_path / "metrics.sock")
-            assert sample(metrics, "vfio_mediator_vm_pinned_bytes", vm=str(os.getpid())) == 1 << 20
-            assert sample(metrics, "vfio_mediator_vm_devices", vm=str(os.getpid())) == 1
+            assert sample(metrics, "vfio_mediator_vm_pinned_bytes", vm=vm) == 1 << 20
+        daemon.wait_for(lambda: daemon.counts["hand-off"] > 2, 30)
         gone = [e for e in daemon.events("hand-off") if e["record"]["reason"] == "client gone"]
         assert gone[0]["device"] == "gpu1" and gone[0]["ok"], gone
         assert gone[0]["record"]["steps"][0]["detail"] == "1 DMA mappings, 0 eventfds"
