@@ -43,7 +43,7 @@ def main() -> None:
     print(f"x-msg-timeout: {X_MSG_TIMEOUT:g} s (QEMU's default)")
     for f in figures:
         if f["case"] == "no-hugetlb":
-            print(f"no huge pages in the guest: {f['why']}")
+            print(f"huge pages: {f['why']}")
     header = (
         "size",
         "pages",

@@ -90,20 +90,21 @@ def map_seconds(container: Type1Container | Ioas, size: int, *, huge: bool) -> f
         os.close(fd)
 
 
-def measure_maps(edu: str) -> None:
+def measure_maps(edu: str, measured: list[int]) -> None:
     device = VfioDevice(find_function(edu))
     container = device.new_iommu("bench")
     device.move_to(container)
     try:
-        for size in sizes(meminfo("MemAvailable") - 512 * MIB):
+        for size in measured:
             figure(case="map", size=size, page="4K", seconds=map_seconds(container, size, huge=False))
         try:
             os.close(os.memfd_create("probe", os.MFD_HUGETLB))
         except OSError as e:
             figure(case="no-hugetlb", why=str(e))
             return
-        for size in sizes(meminfo("MemAvailable") - 512 * MIB):
+        for size in measured:
             if not reserve_huge_pages(size):
+                figure(case="no-hugetlb", why=f"the kernel reserved fewer huge pages than {size >> 20} MiB")
                 break
             figure(case="map", size=size, page="2M", seconds=map_seconds(container, size, huge=True))
     finally:
@@ -127,10 +128,10 @@ def round_trip_to_top(vm: Machine, size: int) -> bool:
     return vm.read_memory(top, len(pattern)) == pattern
 
 
-def measure_realize(edu: str) -> None:
+def measure_realize(edu: str, measured: list[int]) -> None:
     config, sockets = edu_config("big", [edu])
     with DaemonProcess("--config", str(config), "--log-format", "json", devices=1, timeout=600) as served:
-        for size in sizes(meminfo("MemAvailable") - 1024 * MIB):
+        for size in measured:
             handoffs, bus_master = served.counts["hand-off"], served.counts["bus master on"]
             started = time.monotonic()
             with Machine(sockets[0], behind_root_port=False, ram=str(size)) as vm:
@@ -157,8 +158,9 @@ def measure_realize(edu: str) -> None:
 def main() -> None:
     edu = find("edu")
     bind_to_vfio(edu)
-    measure_maps(edu)
-    measure_realize(edu)
+    measured = list(sizes(meminfo("MemAvailable") - 1536 * MIB))  # room for the nested QEMU besides
+    measure_maps(edu, measured)
+    measure_realize(edu, measured)
     figure(case="done")
 
 

@@ -1,4 +1,4 @@
-"""Pinning a VM's RAM once: time from the first DMA_MAP to the last reply for 1, 2 and 4 devices.
+"""Pinning a VM's RAM once: time from the first DMA_MAP until it is pinned, for 1, 2 and 4 devices.
 
 Real pinning needs real type1, which this machine reaches only in the TCG
 guest of the real-VFIO tests, so this boots that guest with four edu

@@ -14,7 +14,10 @@ scrub``). The steps, in order, each timed and recorded:
   isolation  the policy's post-reset writes (NVLink link disable...), verified
   rom        the expansion ROM is well formed, for this vendor, and on the
              allow-list when there is one
-  wipe       the operator's sanitisation command exits 0
+  wipe       the operator's sanitisation command exits 0; one that needs the
+             device (``release_device``) gets it closed for the command, and
+             it must come back bound to vfio-pci and pass the config, ROM and
+             isolation steps again
   fabric     the NVSwitch partition is released when this was its last GPU
 
 The first failure ends the hand-off: later steps are recorded as not run,
@@ -51,6 +54,8 @@ from mediator.virt.reset import ResetMode
 log = structlog.get_logger("mediator.handoff")
 
 OK, FAILED, SKIPPED, NOT_RUN = "ok", "failed", "skipped", "not run"
+# A wipe tool that had the device leaves it bound to vfio-pci again within this (udev may lag).
+REBIND_SECONDS = 30.0
 
 
 class HandOffReason(StrEnum):
@@ -140,6 +145,16 @@ class HandedOff(Protocol):
 
     def read_rom(self) -> bytes: ...
 
+    released: bool  # let go, and not taken back yet
+
+    def let_go(self) -> None:
+        """Close what the daemon holds of the device, for a tool that binds it to another driver."""
+        ...
+
+    def take_back(self, timeout: float) -> None:
+        """Open it again once it is bound to vfio-pci (within ``timeout``), with the regions it had."""
+        ...
+
     def block(self, reason: str) -> None: ...
 
     def unblock(self) -> None: ...
@@ -184,8 +199,8 @@ class HandOff:
             ("reset", lambda: _reset(device, reset or self.policy.reset, not_now)),
             ("config", lambda: _config_as_before(device)),
             ("isolation", lambda: _isolation(device)),
-            ("rom", lambda: _rom(device, frozenset(h.lower() for h in self.policy.rom_sha256))),
-            ("wipe", lambda: self._wipe(owner)),
+            ("rom", lambda: _rom_check(device, self.policy)),
+            ("wipe", lambda: self._wipe(device, owner)),
         ]
         clock = time.monotonic()
         for name, action in steps:
@@ -200,10 +215,32 @@ class HandOff:
         self._conclude(device, owner, record, started, concluded)
         return record
 
-    def _wipe(self, owner: Owner) -> str:
-        if self.policy.wipe is None:
+    def _wipe(self, device: HandedOff, owner: Owner) -> str:
+        wiping = self.policy.wiping
+        if wiping is None:
             raise _Skip("no wipe command configured")
-        argv = expand(self.policy.wipe, device=owner.name, bdf=owner.bdf or "", tenant=owner.tenant or "")
+        argv = expand(wiping.command, device=owner.name, bdf=owner.bdf or "", tenant=owner.tenant or "")
+        if not wiping.release_device:
+            return self._run_wipe(argv, owner)
+        device.let_go()
+        try:
+            ran = self._run_wipe(argv, owner)
+        finally:
+            try:
+                device.take_back(REBIND_SECONDS)
+            except DeviceError as e:  # over the command's own failure: the device is not back
+                raise StepFailed(f"the device did not come back from {argv[0]}: {e}") from None
+        checks = []
+        for check in (_config_as_before, lambda d: _rom_check(d, self.policy), _isolation):
+            try:
+                checks.append(check(device))
+            except _Skip as e:
+                checks.append(str(e))
+            except (StepFailed, DeviceError, RomError, ChainError) as e:
+                raise StepFailed(f"{ran}, but the device came back changed: {e}") from None
+        return f"{ran}; the device was released to it and came back: " + "; ".join(checks)
+
+    def _run_wipe(self, argv: list[str], owner: Owner) -> str:
         result = run_command("device wipe", argv, self.policy.wipe_timeout, device=owner.name)
         if not result.ok:
             raise StepFailed(f"{argv[0]}: {result.summary}" + (f": {result.output}" if result.output else ""))
@@ -271,8 +308,12 @@ def _reset(device: HandedOff, mode: ResetMode, not_now: str | None) -> str:
 
 
 def _release(device: HandedOff) -> str:
+    taken_back = ""
+    if device.released:  # a wipe tool had it and did not give it back: it must be back by now
+        device.take_back(0)
+        taken_back = "; taken back from the wipe tool that had it"
     mappings, eventfds, waited = device.detach_client()
-    left = f"{mappings} DMA mappings, {eventfds} eventfds"
+    left = f"{mappings} DMA mappings, {eventfds} eventfds{taken_back}"
     if waited is None:
         return left
     return f"{left}; the client's reset that outlived its deadline ran {waited:.1f} s more"
@@ -306,10 +347,11 @@ def _isolation(device: HandedOff) -> str:
     return f"{len(writes)} post-reset writes made, {verified} verified"
 
 
-def _rom(device: HandedOff, allowed: frozenset[str]) -> str:
+def _rom_check(device: HandedOff, policy: HandoffSpec) -> str:
     rom = device.plan.rom
     if rom is None:
         raise _Skip("no expansion ROM")
+    allowed = frozenset(h.lower() for h in policy.rom_sha256)
     data = device.read_rom()
     checked = check_rom(data, device.plan.identity, allowed)
     listed = ", on the allow-list" if allowed else ""

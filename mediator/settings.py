@@ -46,7 +46,10 @@ the file and the key::
                                         # "none": the device is not reset (a device with no reset
                                         # method is quarantined unless its entry says so)
     rom_sha256 = ["9f86d081..."]        # allow-list for the expansion ROM (optional)
-    wipe = ["/usr/local/sbin/gpu-wipe", "{bdf}"]   # device memory sanitisation (optional)
+    wipe = ["/usr/local/sbin/gpu-wipe", "{bdf}"]   # device memory sanitisation (optional);
+                                        # a tool that needs the device itself (binding it to the
+                                        # vendor driver and back to vfio-pci) gets it released:
+                                        # wipe = { command = [...], release_device = true }
     wipe_timeout = 900                  # seconds
     keep = 1000                         # hand-off records per device: the newest 1000; or an age,
                                         # keep = "90d" (s, m, h, d, w); or both, a record past
@@ -179,12 +182,24 @@ class KeepSpec(Struct, forbid_unknown_fields=True, frozen=True):
     within: str | None = None  # an age, parse_age's
 
 
+class WipeSpec(Struct, forbid_unknown_fields=True, frozen=True):
+    command: Command
+    # The daemon closes the device for the command and opens it again after, once it is bound
+    # to vfio-pci once more, checking it is the same device.
+    release_device: bool = False
+
+
 class HandoffSpec(Struct, forbid_unknown_fields=True, frozen=True):
     reset: ResetMode = "bus"
     rom_sha256: list[Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{64}$")]] = msgspec.field(default_factory=list)
-    wipe: Command | None = None
+    wipe: Command | WipeSpec | None = None
     wipe_timeout: Annotated[float, Meta(gt=0)] = 900.0
     keep: RecordCount | str | KeepSpec | None = None  # a count, an age or both; None: every record
+
+    @property
+    def wiping(self) -> WipeSpec | None:
+        """``wipe`` in its full form, a bare command being one that keeps the device."""
+        return WipeSpec(self.wipe) if isinstance(self.wipe, list) else self.wipe
 
     @property
     def retention(self) -> Retention:
@@ -314,7 +329,8 @@ def _check_devices(devices: Sequence[DeviceSpec]) -> Iterable[Problem]:
 
 
 def _check_commands(spec: SettingsSpec) -> Iterable[Problem]:
-    commands = {"handoff.wipe": spec.handoff.wipe}
+    wiping = spec.handoff.wiping
+    commands = {"handoff.wipe": wiping.command if wiping else None}
     if spec.fabric is not None:
         commands |= {
             "fabric.activate": spec.fabric.activate,

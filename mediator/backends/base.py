@@ -115,4 +115,15 @@ class Backend(Protocol):
 
     def bus_reset(self) -> None: ...
 
+    def let_go(self) -> None:
+        """Close the device's VFIO fds, so that a tool may bind it to another driver and back.
+
+        Raises BackendError when that would close what another served function needs (its group).
+        """
+        ...
+
+    def take_back(self, timeout: float) -> None:
+        """Open the device again once it is bound to vfio-pci again (waiting up to ``timeout``)."""
+        ...
+
     def close(self) -> None: ...

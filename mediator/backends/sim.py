@@ -35,11 +35,13 @@ import os
 import time
 from collections import deque
 from collections.abc import Sequence
+from pathlib import Path
 
 from mediator.backends.base import BackendError, IrqInfo, RegionInfo
 from mediator.backends.dma import DmaError, DmaMapping
-from mediator.backends.profile import Behaviour, Faults, Profile
+from mediator.backends.profile import Behaviour, Faults, Profile, load_profile
 from mediator.backends.space import IommuSpace
+from mediator.errors import InputErrors
 from mediator.pci.bars import BarType
 from mediator.pci.registers import COMMAND, COMMAND_MASTER, Identity
 from mediator.pci.rom import build_rom
@@ -386,6 +388,24 @@ class SimBackend:
             for line in lines:
                 line.masked = line.pending = False
         self.resets += 1
+
+    def let_go(self) -> None:
+        """Nothing to close: the simulator holds no kernel fds."""
+
+    def take_back(self, timeout: float) -> None:
+        """The device as its profile file says now: a wipe tool may have changed it (identity, ROM)."""
+        del timeout
+        try:
+            profile = load_profile(Path(self.profile.source))
+        except InputErrors as e:
+            raise BackendError(f"the profile cannot be read again: {e}") from None
+        self.profile = profile
+        self.config[:] = profile.image
+        self.config_size = len(profile.image)
+        if ROM_REGION in self._memory:  # built again, from what the device says it is now
+            fd, memory = self._memory.pop(ROM_REGION)
+            memory.close()
+            os.close(fd)
 
     def close(self) -> None:
         for fd, memory in self._memory.values():

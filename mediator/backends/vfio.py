@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from mediator.backends.base import BackendError, BarAccess, IrqInfo, RegionInfo
 from mediator.backends.dma import DmaMapping
 from mediator.backends.pinning import memlock_refusal
 from mediator.backends.space import IommuSpace
-from mediator.backends.sysfs import PciFunction, find_function, group_blockers
+from mediator.backends.sysfs import PciFunction, driver_of, find_function, group_blockers, is_vfio_driver
 from mediator.pci.address import format_bdf
 from mediator.vfio_abi import (
     CONFIG_REGION,
@@ -662,8 +663,9 @@ class VfioBackend:
         sysfs: Path = Path("/sys"),
         dev: Path = DEV_VFIO,
     ) -> None:
-        self.function = find_function(bdf, sysfs)
-        self.device = VfioDevice(self.function, prefer_cdev=prefer_cdev, dev=dev)
+        self._sysfs, self._prefer_cdev, self._dev = sysfs, prefer_cdev, dev
+        self.device = self._open(bdf)
+        self.function = self.device.function
         self.bar_access = bar_access
         self.description = f"{self.function.bdf} through VFIO ({self.device.api})"
         # BARs, ROM and config; the VGA region (8) exists only on VGA devices and is never served.
@@ -679,6 +681,9 @@ class VfioBackend:
             else "iommufd cannot map another device's memory without dma-buf support, which the daemon lacks"
         )
         self._noresize: dict[int, list[int]] = {}  # index -> eventfds the kernel has, for NORESIZE indexes
+
+    def _open(self, bdf: str) -> VfioDevice:
+        return VfioDevice(find_function(bdf, self._sysfs), prefer_cdev=self._prefer_cdev, dev=self._dev)
 
     # config and regions
     def _pread(self, index: int, offset: int, length: int) -> bytes:
@@ -808,6 +813,39 @@ class VfioBackend:
 
     def bus_reset(self) -> None:
         self.device.bus_reset()
+
+    def let_go(self) -> None:
+        group = self.device.group
+        others = [d.name for d in group.devices if d is not self.device] if group is not None else []
+        if others:
+            raise VfioError(
+                self.function.bdf,
+                "releasing the device for the wipe command",
+                errno.EBUSY,
+                f"{', '.join(others)} of {group.who if group else ''} stays open in the daemon: a function "
+                "can be given to another driver only when the daemon holds nothing else of its group",
+            )
+        self.device.close()
+
+    def take_back(self, timeout: float) -> None:
+        function = self._sysfs / "bus/pci/devices" / self.function.bdf
+        deadline = time.monotonic() + timeout
+        while not is_vfio_driver(driver_of(function)):
+            if time.monotonic() > deadline:
+                bound = driver_of(function) or "no driver"
+                raise VfioError(
+                    self.function.bdf,
+                    "taking the device back after the wipe command",
+                    errno.ENODEV,
+                    f"it is bound to {bound}, not to vfio-pci (waited {timeout:g} s): whoever had it "
+                    "must bind it back (driver_override, drivers_probe)",
+                )
+            time.sleep(0.1)
+        self.device = self._open(self.function.bdf)
+        self.function = self.device.function
+        self._regions = {index: self.device.region(index) for index in range(VGA_REGION)}
+        self._noresize.clear()
+        self.home.iommu = self.device.home
 
     def close(self) -> None:
         self.device.close()

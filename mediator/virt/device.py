@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import structlog
 
 from mediator.audit import Auditor
-from mediator.backends.base import Backend, BackendError, IrqInfo
+from mediator.backends.base import Backend, BackendError, IrqInfo, RegionInfo
 from mediator.backends.space import IommuSpace, PeerBar
 from mediator.pci.registers import COMMAND, COMMAND_MASTER, COMMAND_MEMORY, Identity, bar_offset
 from mediator.quirks.table import QuirkTable
@@ -116,6 +116,7 @@ class VirtualDevice:
         # The guest's command writes and the pinner's Bus Master changes take turns on the register.
         self._command_lock = threading.Lock()
         self._bus_master_held = False  # the guest set it, the hardware waits for pinning
+        self.released = False  # let go for a wipe tool and not taken back yet
 
     @property
     def events(self) -> DeviceEvents:
@@ -408,6 +409,30 @@ class VirtualDevice:
         self.interrupts.detach_all()
         self.move_to(self.backend.home)
         return (*left, waited)
+
+    def let_go(self) -> None:
+        """Close the backend's hold on the device (it is home, nothing attached): a tool may rebind it."""
+        try:
+            self.backend.let_go()
+        except BackendError as e:
+            raise device_error(e) from None
+        self.released = True
+
+    def take_back(self, timeout: float) -> None:
+        """Open the device again once it is bound to vfio-pci; its regions must be what they were."""
+        regions = self._regions()
+        try:
+            self.backend.take_back(timeout)
+        except BackendError as e:
+            raise device_error(e) from None
+        self.released = False
+        if self._regions() != regions:
+            raise DeviceError(errno.EIO, f"its regions changed: {self._regions()} instead of {regions}")
+        self.config.restore_shadow()
+        self.pinning_changed()  # the shadow says Bus Master is off: so is the reopened hardware
+
+    def _regions(self) -> list[RegionInfo]:
+        return [self.backend.region_info(index) for index in (*BAR_REGIONS, ROM_REGION)]
 
     def reset_hardware(self, *, bus: bool) -> str:
         return self.resets.reset_hardware("handoff", bus=bus)

@@ -133,6 +133,7 @@ CHECKS = [
     "memlock",
     "vm-space",
     "group",
+    "wipe-release",
     "lingering-fd",
     "enotty",
     "compare-edu",

@@ -112,6 +112,57 @@ def edu_config(prefix: str, functions: list[str], reset: str = NO_RESET) -> tupl
     return folder / "config.toml", [folder / f"{prefix}{n}.sock" for n in range(len(functions))]
 
 
+# The operator's wipe tool, given the device (release_device): it records which VFIO files the
+# daemon (its parent) still holds, unbinds the function, writes a marker into edu's inversion
+# register through sysfs (config and resource0) and, unless told to leave it, binds it back.
+WIPE_TOOL = """
+import json, mmap, os, pathlib, struct, sys
+bdf, report, leave_unbound = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3] == "leave"
+fds = pathlib.Path(f"/proc/{os.getppid()}/fd")
+held = sorted(link for link in (os.readlink(fd) for fd in fds.iterdir()) if "vfio" in link)
+function = pathlib.Path("/sys/bus/pci/devices") / bdf
+(function / "driver" / "unbind").write_text(bdf)
+unbound = not (function / "driver").exists()
+config = os.open(function / "config", os.O_RDWR)
+os.pwrite(config, b"\\x02\\x00", 4)  # memory decoding, to reach BAR0
+with open(function / "resource0", "r+b") as bar0, mmap.mmap(bar0.fileno(), 4096) as registers:
+    struct.pack_into("=I", registers, 4, 0x12345678)
+    marker = struct.unpack_from("=I", registers, 4)[0]
+os.pwrite(config, b"\\x00\\x00", 4)
+os.close(config)
+if not leave_unbound:
+    (function / "driver_override").write_text("vfio-pci")
+    pathlib.Path("/sys/bus/pci/drivers_probe").write_text(bdf)
+with report.open("a") as runs:
+    runs.write(json.dumps({"daemon's vfio files": held, "unbound": unbound, "marker": marker}) + "\\n")
+"""
+
+
+def wipe_with_release(edu: str, tool: str) -> tuple[dict[str, Any], list[dict[str, Any]], int | None]:
+    """Serve ``edu`` with a wipe that needs the device and ``tool`` (``bind`` or ``leave``) as its
+    last word: the start hand-off, what the tool saw each time it ran, and edu's inversion register
+    read by a client after the start hand-off (whose leaving runs the tool again)."""
+    config, sockets = edu_config(f"wipe-{tool}", [edu])
+    script, report = config.parent / "wipe.py", config.parent / "wipe.json"
+    script.write_text(WIPE_TOOL)
+    command = [sys.executable, str(script), "{bdf}", str(report), tool]
+    config.write_text(
+        config.read_text()
+        + f"[handoff]\nwipe = {{ command = {json.dumps(command)}, release_device = true }}\n"
+    )
+    with DaemonProcess("--config", str(config), "--log-format", "json", devices=1, timeout=300) as served:
+        handoff = served.wait_for_event("hand-off", timeout=120)
+        inverted = None
+        if handoff["ok"]:
+            client = connect(sockets[0])
+            # memory decoding: vfio-pci refuses BAR accesses without it
+            assert client.region_write(7, 0x04, b"\x02\x00").ok
+            inverted = struct.unpack("=I", client.region_read(0, EDU_INVERT, 4).payload[16:])[0]
+            client.client.close()
+            served.wait_for(lambda: served.counts["hand-off"] > 1, 120)
+    return handoff, [json.loads(line) for line in report.read_text().splitlines()], inverted
+
+
 def mmio_dma(bar: mmap.mmap, source: int, destination: int, count: int, command: int) -> None:
     """Edu's DMA engine through a mapping of its BAR0, waited for."""
     for register, value in ((EDU_DMA_SRC, source), (EDU_DMA_DST, destination), (EDU_DMA_COUNT, count)):
@@ -641,6 +692,24 @@ def main() -> None:  # noqa: PLR0915  one nested function per check, in the orde
             "second client": why[-300:],
             "one by one": one_by_one,
         }
+
+    @checked("wipe-release")
+    def _() -> dict[str, object]:
+        handoff, runs, inverted = wipe_with_release(edu, "bind")
+        wipe = next(step for step in handoff["record"]["steps"] if step["name"] == "wipe")
+        assert handoff["ok"] and "released to it and came back" in wipe["detail"], handoff
+        assert len(runs) == 2 and all(run["unbound"] for run in runs), runs  # at start, after the client
+        assert runs[0]["daemon's vfio files"] == [], runs  # the daemon held nothing VFIO at all
+        # After a client, only the VM's IOMMU context (emptied: the group left it) waits for its
+        # teardown right after the hand-off: nothing of the device, its group or its home.
+        device_files = [f for run in runs for f in run["daemon's vfio files"] if f != "/dev/vfio/vfio"]
+        assert device_files == [], runs
+        assert runs[0]["marker"] == 0xEDCBA987 and inverted == 0xEDCBA987, (runs, inverted)  # the tool's
+        left, _, _ = wipe_with_release(edu, "leave")  # a tool that does not give it back
+        bind_to_vfio(edu)
+        failure = str(next(step for step in left["record"]["steps"] if step["name"] == "wipe")["detail"])
+        assert not left["ok"] and "did not come back" in failure and "no driver" in failure, left
+        return {"wipe": wipe["detail"][-300:], "tool": runs, "left unbound": failure[-300:]}
 
     @checked("lingering-fd")
     def _() -> dict[str, object]:

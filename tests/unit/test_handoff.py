@@ -12,13 +12,16 @@ import pytest
 from structlog.testing import capture_logs
 
 from mediator.backends.base import BackendError
-from mediator.backends.profile import Behaviour
+from mediator.backends.profile import Behaviour, load_profile
+from mediator.errors import InputErrors
 from mediator.handoff import HandOff, HandOffReason, HandOffRecord, Owner
-from mediator.settings import HandoffSpec, load_settings
+from mediator.settings import HandoffSpec, WipeSpec, load_settings
 from mediator.state import StateStore
 from tests.support import StandIn, device, profile
 
 OWNER = Owner("gpu0", "0000:3b:00.0", "alice")
+
+PROFILES = Path(__file__).parents[2] / "mediator" / "profiles"
 
 
 def results(record) -> dict[str, str]:  # type: ignore[no-untyped-def]
@@ -266,3 +269,77 @@ def test_quarantine_records_are_never_pruned(tmp_path: Path) -> None:
     assert handed_off(state, policy, "b", "c") == ["c"]  # a's record went, its quarantine stays
     quarantined = state.quarantined("gpu0")
     assert quarantined is not None and quarantined["reason"] == "on demand (a)"
+
+
+H100_DUMP = "nvidia-10de_2330-h100-sxm5-like.lspci"
+
+
+def editable_h100(folder: Path) -> Path:
+    """The shipped H100 profile and its config dump as files of the test's own, which a wipe tool
+    may edit; the profile's path."""
+    (folder / H100_DUMP).write_text((PROFILES / H100_DUMP).read_text())
+    path = folder / "gpu.toml"
+    path.write_text((PROFILES / "h100-sxm5.toml").read_text())
+    return path
+
+
+def rewriting(path: Path, old: str, new: str) -> list[str]:
+    """A wipe tool that changes the simulated device while it has it: its profile file, edited."""
+    script = "import pathlib, sys; p = pathlib.Path(sys.argv[1]); p.write_text(p.read_text().replace(*sys.argv[2:]))"
+    return [sys.executable, "-c", script, str(path), old, new]
+
+
+def test_a_wipe_that_needs_the_device_has_it_released_and_checked_again_after(tmp_path: Path) -> None:
+    dev, _ = device(load_profile(editable_h100(tmp_path)))
+    wipe = StandIn(tmp_path)
+    policy = HandoffSpec(wipe=WipeSpec(wipe.command("wipe", "{bdf}"), release_device=True))
+    record = HandOff(policy, StateStore(None)).run(dev, OWNER, HandOffReason.CLIENT_GONE)
+    assert record.ok, record.failure
+    assert wipe.calls() == [("wipe", ["0000:3b:00.0"])]
+    detail = next(step.detail for step in record.steps if step.name == "wipe")
+    assert "the device was released to it and came back" in detail
+    assert "identity, 12 capabilities and BAR types as before" in detail and "SHA-256" in detail
+
+
+@pytest.mark.parametrize(
+    ("edited", "old", "new", "failure"),
+    [
+        (H100_DUMP, "00: de 10 30 23", "00: de 10 31 23", "now reads as 10de:2331"),
+        ("gpu.toml", "size = 0x20000\n", 'size = 0x20000\ncontents = "blank"\n', "no 0x55AA signature"),
+    ],
+    ids=["identity", "rom"],
+)
+def test_a_wipe_tool_that_changes_the_device_gets_it_quarantined(
+    tmp_path: Path, edited: str, old: str, new: str, failure: str
+) -> None:
+    dev, _ = device(load_profile(editable_h100(tmp_path)))
+    policy = HandoffSpec(wipe=WipeSpec(rewriting(tmp_path / edited, old, new), release_device=True))
+    state = StateStore(tmp_path)
+    state.prepare()
+    record = HandOff(policy, state).run(dev, OWNER, HandOffReason.CLIENT_GONE)
+    assert results(record)["wipe"] == "failed", record.failure
+    assert "the device came back changed" in (record.failure or "") and failure in (record.failure or "")
+    assert dev.refusal is not None and dev.refusal.startswith("quarantined: wipe:")
+    assert state.quarantined("gpu0") is not None
+
+
+def test_a_wipe_that_needs_the_device_is_a_table_in_the_config(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        '[[device]]\nname = "gpu0"\nprofile = "h100-sxm5"\nsocket = "gpu0.sock"\n'
+        '[handoff]\nwipe = { command = ["gpu-wipe", "{bdf}"], release_device = true }\n'
+    )
+    wiping = load_settings(config).handoff.wiping
+    assert wiping == WipeSpec(["gpu-wipe", "{bdf}"], release_device=True)
+    config.write_text(config.read_text().replace("{bdf}", "{serial}"))
+    with pytest.raises(InputErrors) as unknown:
+        load_settings(config)
+    assert "handoff.wipe" in str(unknown.value) and "serial" in str(unknown.value)
+
+
+def test_a_device_a_wipe_tool_kept_is_taken_back_at_its_next_hand_off(tmp_path: Path) -> None:
+    dev, _ = device(load_profile(editable_h100(tmp_path)))
+    dev.let_go()  # what a wipe whose tool did not bind it back leaves: quarantined, let go
+    record = HandOff(HandoffSpec(), StateStore(None)).run(dev, OWNER, HandOffReason.BLOCKED)
+    assert record.ok and not dev.released, record.failure
+    assert "taken back from the wipe tool that had it" in record.steps[0].detail

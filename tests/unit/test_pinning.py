@@ -41,6 +41,7 @@ class GatedIommu(RecordingIommu):
         self._allowed = threading.Semaphore(0)
         self.fail: str | None = None
         self._entered = threading.Semaphore(0)
+        self.pinned_from: list[DmaMapping] = []  # whose memory each chunk was pinned from
 
     def let(self, chunks: int = 1) -> None:
         for _ in range(chunks):
@@ -55,6 +56,7 @@ class GatedIommu(RecordingIommu):
         assert self._allowed.acquire(timeout=10), "the test never let this chunk be pinned"
         if self.fail:
             raise DmaError(errno.ENOMEM, self.fail)
+        self.pinned_from.append(mapping)
         super().map(mapping, offset, size)
 
 
@@ -195,19 +197,24 @@ def test_a_failed_pin_blocks_every_device_of_the_vm_with_the_reason(
     assert space.pin_failure is None and space.ready  # the mapping went with the client
 
 
-def test_connections_joining_memory_being_pinned_share_its_pin(
+def test_a_carrier_that_leaves_mid_pin_hands_the_rest_of_the_pin_to_another_holder(
     space: IommuSpace, iommu: GatedIommu, ram: int
 ) -> None:
-    first, second = (DmaTable().prepare(IOVA, MIN_CHUNK, 3, ram, 0) for _ in range(2))
+    first, second = (DmaTable().prepare(IOVA, 2 * MIN_CHUNK, 3, ram, 0) for _ in range(2))
     space.acquire(first)
-    space.acquire(second)
-    space.release([first])  # the carrier goes while its pin waits: the other holder's memory is pinned
+    space.acquire(second)  # the same memory through another connection: it joins the pin
+    assert iommu.next_chunk_started()  # the first chunk, from the first connection's mmap
+    leaving = threading.Thread(target=space.release, args=([first],))
+    leaving.start()  # waits for that chunk, which needs the mmap it is closing next
+    iommu.let()
+    leaving.join(10)
+    assert not leaving.is_alive()
     first.memory.close()  # type: ignore[union-attr]
     iommu.let()
-    assert space.settle(10) and space.pinned_bytes == MIN_CHUNK
-    assert iommu.calls == [("map", IOVA, MIN_CHUNK)]
+    assert space.settle(10) and space.pinned_bytes == 2 * MIN_CHUNK
+    assert iommu.pinned_from == [first, second]  # the second chunk came from the holder that stayed
     space.release([second])
-    assert iommu.calls[-1] == ("unmap", IOVA, MIN_CHUNK)
+    assert iommu.calls[-1] == ("unmap", IOVA, 2 * MIN_CHUNK)
 
 
 @pytest.mark.parametrize(
