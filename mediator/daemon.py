@@ -249,22 +249,33 @@ class ManagedDevice:
         if requests or (fabric is not None and fabric.holds(self.spec.name)):
             # Its first step takes the device out of the VM. A function of an IOMMU group is reset
             # with its group: by the last of them to leave, once, so that no reset hits a group-mate
-            # under its client.
+            # under its client. The group's hand-offs take turns, and a mate whose client has just
+            # gone is still in the VM until its own hand-off takes it home.
             mates = self._group_mates()
-            serving = [mate.spec.name for mate in mates if mate._vm is not None]
-            if serving:
-                self._reset_waits = True
-                why = (
-                    f"{', '.join(serving)}, of its IOMMU group, still has a client: the group is reset later"
-                )
-                self._hand_off(HandOffReason.CLIENT_GONE, not_now=why)
-            else:
-                self._reset_group(mates, self._hand_off(HandOffReason.CLIENT_GONE))
+            with self._daemon.group_turn(self.device.backend.iommu_group):
+                in_vm = [mate.spec.name for mate in mates if mate.in_vm]
+                if in_vm:
+                    self._reset_waits = True
+                    why = (
+                        f"{', '.join(in_vm)}, of its IOMMU group, is still in its client's VM: "
+                        "the group is reset later"
+                    )
+                    self._hand_off(HandOffReason.CLIENT_GONE, not_now=why)
+                    record = None
+                else:
+                    record = self._hand_off(HandOffReason.CLIENT_GONE)
+            if record is not None:  # the waiting mates' hand-offs take their own turns
+                self._reset_group(mates, record)
         else:  # it never spoke and holds no partition: the device is as it was, once back home
             self.device.move_to(self.device.backend.home)
         self._daemon.state.session_ended(self.spec.name)
         if self._pending is not None:
             self._adopt(*self._pending)
+
+    @property
+    def in_vm(self) -> bool:
+        """A client holds the device, or it has not left its client's VM yet (read without the lock)."""
+        return self._vm is not None or self.device.dma.space is not self.device.backend.home
 
     def _group_mates(self) -> list[ManagedDevice]:
         group = self.device.backend.iommu_group
@@ -296,7 +307,8 @@ class ManagedDevice:
             if not self._reset_waits or self._vm is not None:
                 return
             self._reset_waits = False
-            self._hand_off(HandOffReason.GROUP_RESET, not_now=covered)
+            with self._daemon.group_turn(self.device.backend.iommu_group):
+                self._hand_off(HandOffReason.GROUP_RESET, not_now=covered)
 
     def reconfigure(self, spec: DeviceSpec, plan: DevicePlan) -> str:
         """Take a reloaded spec and plan, now when idle, else when the client goes."""
@@ -336,6 +348,15 @@ class Daemon:
     notifier: Notifier = field(default_factory=Notifier)
     metrics: Metrics = field(default_factory=Metrics)
     vms: Vms = field(default_factory=Vms)  # which devices each client VM holds
+    _group_turns: dict[int, threading.Lock] = field(default_factory=dict)
+    _group_turns_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def group_turn(self, group: int | None) -> contextlib.AbstractContextManager[object]:
+        """The hand-offs of one IOMMU group's functions take turns; a lone function's need none."""
+        if group is None:
+            return contextlib.nullcontext()
+        with self._group_turns_lock:
+            return self._group_turns.setdefault(group, threading.Lock())
 
     @classmethod
     def open(cls, settings: Settings, config: Path | None = None) -> Daemon:

@@ -676,7 +676,7 @@ def main() -> None:  # noqa: PLR0915  one nested function per check, in the orde
         assert identities == [0x11E81234] * 2 and all(copied), (identities, copied)
         assert not second.ok, second
         resets = [(e["record"]["reason"], step_detail(e, "reset")) for e in together]
-        waited = [d for r, d in resets if r == "client gone" and "still has a client" in d]
+        waited = [d for r, d in resets if r == "client gone" and "still in its client's VM" in d]
         done = [d for r, d in resets if r == "client gone" and d == "bus reset"]  # by the last to leave
         covered = [d for r, d in resets if r == "its IOMMU group was handed off" and "covered by" in d]
         assert all(e["ok"] for e in together) and len(waited) == len(done) == len(covered) == 1, resets

@@ -61,7 +61,34 @@ def test_the_first_function_of_a_group_to_leave_waits_for_the_last_ones_reset(tm
     fn1.client_gone(requests=1)
     assert [h.resets for h in hardware] == [n + 1 for n in before]  # one each, fn0's after fn1's
     said = reset_steps(tmp_path, "fn0")[-2:]
-    assert said[0][0] == "client gone" and "fn1, of its IOMMU group, still has a client" in said[0][1]
+    assert (
+        said[0][0] == "client gone" and "fn1, of its IOMMU group, is still in its client's VM" in said[0][1]
+    )
     assert said[1] == ("its IOMMU group was handed off", "function reset")
     assert reset_steps(tmp_path, "fn1")[-1] == ("client gone", "function reset")
+    daemon.close()
+
+
+def test_a_mate_whose_client_has_gone_but_is_not_home_yet_still_holds_the_groups_reset(
+    tmp_path: Path,
+) -> None:
+    # Two clients of one group going at once: the second's hand-off may not have taken it out of
+    # the VM when the first decides; resetting then would reset it inside the VM.
+    (tmp_path / "config.toml").write_text(CONFIG)
+    daemon = Daemon.open(load_settings(tmp_path / "config.toml"))
+    fn0, fn1 = daemon.managed
+    hardware = [m.device.backend for m in daemon.managed if isinstance(m.device.backend, SimBackend)]
+    for h in hardware:
+        h.iommu_group = 7
+    before = [h.resets for h in hardware]
+    vm = Peer(os.getpid(), os.getuid(), frozenset({os.getgid()}))
+    for managed in (fn0, fn1):
+        assert managed.admit(vm)[1] is None
+    held, fn1._vm = fn1._vm, None  # what fn1's client_gone does first, before its hand-off
+    assert fn1.in_vm
+    fn0.client_gone(requests=1)
+    assert [h.resets for h in hardware] == before  # fn0 waited for fn1, still in the VM
+    fn1._vm = held
+    fn1.client_gone(requests=1)
+    assert [h.resets for h in hardware] == [n + 1 for n in before]
     daemon.close()
