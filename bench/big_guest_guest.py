@@ -28,25 +28,13 @@ from pathlib import Path
 from mediator.backends.dma import DmaTable, release
 from mediator.backends.sysfs import find_function
 from mediator.backends.vfio import Ioas, Type1Container, VfioDevice
-from tests.e2e.harness import Machine
-from tests.guest.vfio_guest import (
-    EDU_BUFFER,
-    NESTED_SLOTS,
-    bind_to_vfio,
-    edu_config,
-    edu_dma,
-    find,
-)
+from tests.guest.vfio_guest import big_guest, bind_to_vfio, edu_config, find
 from tests.support import DaemonProcess
 
 MIB = 1 << 20
 HUGE_PAGE = 2 * MIB
 FIRST = 256 * MIB
 IOVA = 1 << 32
-BAR = 0xE0000000
-EDU_IDS = 0x11E81234
-# q35 keeps at most 2 GiB of RAM below 4 GiB once the guest has 2.75 GiB or more.
-LOW_RAM_LIMIT, LOW_RAM_MAX = 0xB0000000, 0x80000000
 
 
 def figure(**fields: object) -> None:
@@ -113,46 +101,11 @@ def measure_maps(edu: str, measured: list[int]) -> None:
         container.close()
 
 
-def top_of_ram(size: int) -> int:
-    """The guest-physical address of the last page of ``size`` bytes of q35 RAM."""
-    low = LOW_RAM_MAX if size >= LOW_RAM_LIMIT else size
-    return (size - 0x1000) if size == low else (1 << 32) + (size - low) - 0x1000
-
-
-def round_trip_to_top(vm: Machine, size: int) -> bool:
-    pattern = bytes(range(3, 67))
-    top = top_of_ram(size)
-    vm.write_memory(0x100000, pattern)
-    edu_dma(vm, BAR, 0x100000, EDU_BUFFER, count=len(pattern), command=0x1)  # RAM -> edu
-    edu_dma(vm, BAR, EDU_BUFFER, top, count=len(pattern), command=0x3)  # edu -> the top of RAM
-    return vm.read_memory(top, len(pattern)) == pattern
-
-
 def measure_realize(edu: str, measured: list[int]) -> None:
     config, sockets = edu_config("big", [edu])
     with DaemonProcess("--config", str(config), "--log-format", "json", devices=1, timeout=600) as served:
         for size in measured:
-            handoffs, bus_master = served.counts["hand-off"], served.counts["bus master on"]
-            started = time.monotonic()
-            with Machine(sockets[0], behind_root_port=False, ram=str(size)) as vm:
-                realized = vm.cfg_read(0, 4) == EDU_IDS
-                realize_seconds = time.monotonic() - started
-                vm.map_bar(0, BAR, NESTED_SLOTS[0])
-                vm.enable(bdf=NESTED_SLOTS[0])
-                served.wait_for(lambda: served.counts["bus master on"] > bus_master, 3600)  # noqa: B023
-                on_seconds = time.monotonic() - started
-                dma = round_trip_to_top(vm, size)
-                errors = [line for line in vm.stderr().splitlines() if "vfio" in line.lower()]
-            served.wait_for(lambda: served.counts["hand-off"] > handoffs, 600)  # noqa: B023
-            figure(
-                case="qemu",
-                size=size,
-                realized=realized and not any("timed out" in line for line in errors),
-                realize_seconds=realize_seconds,
-                bus_master_seconds=on_seconds,
-                dma_top=dma,
-                qemu_errors=errors[:5],
-            )
+            figure(case="qemu", **big_guest(served, sockets[0], size))
 
 
 def main() -> None:
