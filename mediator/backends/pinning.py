@@ -24,7 +24,6 @@ and to record it, never while the kernel pins, so the space keeps serving.
 
 from __future__ import annotations
 
-import contextvars
 import re
 import resource
 import threading
@@ -118,10 +117,8 @@ class Pinner:
 
     def _start(self) -> None:
         if self._thread is None and any(pin.workable for pin in self._pins.values()):
-            context = contextvars.copy_context()  # log lines keep the device and client of the first map
-            self._thread = threading.Thread(
-                target=context.run, args=(self._work,), name=f"pin {self.name}", daemon=True
-            )
+            # No device's log context: the pins are the VM's, and each member names itself.
+            self._thread = threading.Thread(target=self._work, name=f"pin {self.name}", daemon=True)
             self._thread.start()
 
     def pin_of(self, carrier: DmaMapping) -> Pin | None:

@@ -354,12 +354,14 @@ class VirtualDevice:
 
     def pinning_changed(self) -> None:
         """The space's pinning moved on (``Peer``): a failure blocks the device; Bus Master follows."""
-        failure = self.dma.space.pin_failure
-        if failure is not None and self.refusal is None:
-            self.events.dma_pin_failed()  # first: whoever reads the log line finds the metrics say so
-            self.block(f"{failure}; the device is handed off before it is served again")
-        with self._command_lock:
-            self._sync_bus_master_locked()
+        # Called from the VM's pinner thread too, whose log lines are nobody's device's.
+        with structlog.contextvars.bound_contextvars(device=self.name):
+            failure = self.dma.space.pin_failure
+            if failure is not None and self.refusal is None:
+                self.events.dma_pin_failed()  # first: whoever reads the log line finds the metrics say so
+                self.block(f"{failure}; the device is handed off before it is served again")
+            with self._command_lock:
+                self._sync_bus_master_locked()
 
     def _sync_bus_master_locked(self) -> None:
         guest = bool(self.config.shadow[COMMAND] & COMMAND_MASTER)

@@ -19,6 +19,7 @@ from tests.faults.test_faults import faulty_profile
 from tests.support import sample, scrape
 
 BAR0 = MMIO64_BASE
+PEER = (0, 6, 0)  # where Machine plugs the second device
 ENGINE = BAR0 + 0x5000  # the H100 profile's DMA engine
 GUEST_BUFFER = RAM_SIZE - 0x10000  # near the top of the guest's RAM: the last memory pinned
 FAULT = 0x100
@@ -48,14 +49,18 @@ def pending(metrics: Path, machine: Machine) -> float:
 def test_a_slow_pin_delays_nothing_qemu_waits_for_and_bus_mastering_waits_for_it(tmp_path: Path) -> None:
     slow = faulty_profile(tmp_path, f"dma_map_seconds_per_gib = {SECONDS_PER_GIB}")
     config = write_config(
-        tmp_path, [{"name": "gpu0", "profile": str(slow)}], extra='[metrics]\nsocket = "metrics.sock"\n'
+        tmp_path,
+        [{"name": "gpu0", "profile": str(slow)}, {"name": "gpu1", "profile": "h100-sxm5"}],
+        extra='[metrics]\nsocket = "metrics.sock"\n',
     )
     metrics = tmp_path / "metrics.sock"
     with (
-        serve(config, devices=1) as daemon,
-        Machine(tmp_path / "gpu0.sock", behind_root_port=False) as machine,
+        serve(config, devices=2) as daemon,
+        Machine(tmp_path / "gpu0.sock", behind_root_port=False, more=[tmp_path / "gpu1.sock"]) as machine,
     ):
         bring_up(machine)
+        machine.map_bar(0, BAR0 + (256 << 20), PEER)
+        machine.enable(0x0006, bdf=PEER)  # one VM: its other device waits for the same pins
         # QEMU has realized and reset the device and the guest has set it up, all answered,
         # while the guest's RAM is still being pinned:
         assert pending(metrics, machine) > 0
@@ -70,8 +75,9 @@ def test_a_slow_pin_delays_nothing_qemu_waits_for_and_bus_mastering_waits_for_it
         assert machine.read_memory(GUEST_BUFFER, len(pattern)) == pattern
         assert machine.process.poll() is None and "timed out" not in machine.stderr(), machine.stderr()
     held = daemon.events("bus master held until guest memory is pinned")
-    assert held and held[0]["device"] == "gpu0"
-    assert any(e["waited_for_pinning"] for e in daemon.events("bus master on"))
+    assert {e["device"] for e in held} == {"gpu0", "gpu1"}, held
+    on = [e for e in daemon.events("bus master on") if e["waited_for_pinning"]]
+    assert sorted(e["device"] for e in on) == ["gpu0", "gpu1"], on  # each line names its own device
 
 
 def test_a_pin_that_fails_blocks_the_device_and_another_device_keeps_serving(tmp_path: Path) -> None:
