@@ -75,6 +75,11 @@ def _moves_bars(offset: int, length: int) -> bool:
     return any(offset < end and start < offset + length for start, end in _BAR_REGISTERS)
 
 
+def _regions(backend: Backend) -> list[RegionInfo]:
+    """The real size and mappable areas of BAR0-5 and the ROM, as the plan is built from them."""
+    return [backend.region_info(index) for index in (*BAR_REGIONS, ROM_REGION)]
+
+
 def _touches_command(offset: int, length: int) -> bool:
     return offset <= COMMAND < offset + length
 
@@ -150,8 +155,7 @@ class VirtualDevice:
         ``image``: the live config space may hold what the current guest wrote.
         """
         image = image if image is not None else backend.read_config(0, backend.config_size)
-        regions = [backend.region_info(index) for index in (*BAR_REGIONS, ROM_REGION)]
-        return build_plan(image, table.for_device(Identity.of(image)), regions, context)
+        return build_plan(image, table.for_device(Identity.of(image)), _regions(backend), context)
 
     # what the server asks of a DeviceModel besides regions, interrupts, DMA and reset
     @property
@@ -422,19 +426,17 @@ class VirtualDevice:
 
     def take_back(self, timeout: float) -> None:
         """Open the device again once it is bound to vfio-pci; its regions must be what they were."""
-        regions = self._regions()
+        regions = _regions(self.backend)
         try:
             self.backend.take_back(timeout)
         except BackendError as e:
             raise device_error(e) from None
         self.released = False
-        if self._regions() != regions:
-            raise DeviceError(errno.EIO, f"its regions changed: {self._regions()} instead of {regions}")
+        now = _regions(self.backend)
+        if now != regions:
+            raise DeviceError(errno.EIO, f"its regions changed: {now} instead of {regions}")
         self.config.restore_shadow()
         self.pinning_changed()  # the shadow says Bus Master is off: so is the reopened hardware
-
-    def _regions(self) -> list[RegionInfo]:
-        return [self.backend.region_info(index) for index in (*BAR_REGIONS, ROM_REGION)]
 
     def reset_hardware(self, *, bus: bool) -> str:
         return self.resets.reset_hardware("handoff", bus=bus)
