@@ -75,6 +75,9 @@ class Vms:
     def __init__(self, events: VmEvents | None = None) -> None:
         self.events = events or _Unreported()
         self._lock = threading.Lock()
+        # A VM's figures are reported under this lock, so a report computed just before the VM
+        # goes cannot land after its ``vm_gone`` and bring its series back.
+        self._reporting = threading.Lock()
         self._devices: dict[VmId, set[str]] = {}
         self._spaces: dict[VmId, IommuSpace] = {}
 
@@ -110,13 +113,18 @@ class Vms:
             return devices
         if space is not None:
             space.close()
-        self.events.vm_gone(str(vm))
+        with self._reporting:
+            self.events.vm_gone(str(vm))
         return ()
 
     def _report(self, vm: VmId, space: IommuSpace) -> None:
-        with self._lock:
-            if self._spaces.get(vm) is not space:  # a late change of a VM that has gone
-                return
-            devices = len(self._devices[vm])
-        figures = VmFigures(devices, len(space), space.pinned_bytes, space.pending_bytes, space.peer_mappings)
-        self.events.vm_changed(str(vm), figures)
+        # Called outside the space's lock (the space's own reads take it).
+        with self._reporting:
+            with self._lock:
+                if self._spaces.get(vm) is not space:  # a late change of a VM that has gone
+                    return
+                devices = len(self._devices[vm])
+            figures = VmFigures(
+                devices, len(space), space.pinned_bytes, space.pending_bytes, space.peer_mappings
+            )
+            self.events.vm_changed(str(vm), figures)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 from mediator.backends.dma import DmaTable, release
@@ -93,3 +94,33 @@ def test_a_vms_devices_and_pinned_memory_are_reported_until_it_goes() -> None:
     finally:
         release(mappings)
         os.close(ram)
+
+
+class SlowReport(Reported):
+    """A report from the thread named ``late`` stalls until told to go on, as a busy pinner's may."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stalled, self.go_on = threading.Event(), threading.Event()
+
+    def vm_changed(self, vm: str, space: VmFigures) -> None:
+        if threading.current_thread().name == "late":
+            self.stalled.set()
+            self.go_on.wait(10)
+        super().vm_changed(vm, space)
+
+
+def test_a_report_computed_before_the_vm_goes_does_not_bring_it_back() -> None:
+    reported, vm = SlowReport(), VmId(7, 70)
+    vms = Vms(reported)
+    space, _ = vms.join(vm, "gpu0")
+    late = threading.Thread(target=space.refresh, name="late")  # a change: the space reports it
+    late.start()
+    assert reported.stalled.wait(10)
+    leaving = threading.Thread(target=vms.leave, args=(vm, "gpu0"))
+    leaving.start()
+    leaving.join(0.2)  # the VM goes while the report is still on its way
+    reported.go_on.set()
+    late.join(10)
+    leaving.join(10)
+    assert reported.vms == {}  # the VM is gone from the metrics for good
