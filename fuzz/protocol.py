@@ -24,6 +24,11 @@ Theory of operation:
   ``receive`` and requests are served as ``transport.pump`` serves them,
   until the input ends, the stream is dropped (``ProtocolError``) or the
   service ends the session.
+- The C fast path. The same reads then go over a real socketpair (fds as
+  SCM_RIGHTS) to the daemon's ``pump`` twice, with the C loop and without
+  it, on fresh devices: the two reply streams must be the same bytes. (A
+  socket may deliver reads otherwise than they were sent: it attaches a long
+  send's fds to its first part; so the C loop is held to Python on a socket.)
 - Invariants, each an ``AssertionError`` (a crash to libFuzzer): nothing
   but ``ProtocolError`` leaves the connection or the service; no request
   reaches the service's last-resort EIO (a bug it caught) and no EIO comes
@@ -39,11 +44,14 @@ Theory of operation:
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
 import os
+import socket
 import struct
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,7 +63,9 @@ with atheris.instrument_imports(include=["mediator"]):
     from mediator.backends.sim import SimBackend
     from mediator.quirks.table import QuirkTable
     from mediator.vfio_user.connection import Connection, Limits, ProtocolError, Request
+    from mediator.vfio_user.fast_loop import FastLoop
     from mediator.vfio_user.service import DeviceService
+    from mediator.vfio_user.transport import MessageSocket, pump
     from mediator.vfio_user.wire import FLAG_ERROR, FLAG_NO_REPLY, HEADER, HEADER_SIZE, TYPE_REPLY, Command
     from mediator.virt.device import VirtualDevice
 
@@ -220,6 +230,60 @@ def serve(reads: list[Read], connection: Connection, service: DeviceService, cli
         return
 
 
+def serve_over_a_socket(reads: list[Read], client: Client, *, fast: bool) -> bytes:
+    """The same reads sent on a socketpair to the daemon's pump, ``fast`` with the C fast path; the replies.
+
+    A client thread sends each read (fds in SCM_RIGHTS) and another reads the replies, closing
+    the fds they carry, while the pump serves in this thread, as a session's does.
+    """
+    device = fresh_device()
+    ours, theirs = socket.socketpair()
+    connection = Connection(LIMITS)
+    service = DeviceService(device, connection)
+    tables = device.fast_path() if fast else None
+    assert tables is not None or not fast, "the C fast path is not built"
+    loop = FastLoop(theirs, tables, LIMITS, ()) if tables is not None else None
+    received = bytearray()
+
+    def send() -> None:
+        with contextlib.suppress(OSError):  # the pump ended the session first
+            for read in reads:
+                fds = [client.open(fd) for fd in read.fds]
+                try:
+                    if read.data:  # a stream socket carries no fds without a byte
+                        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                        ours.sendmsg([read.data], ancillary if fds else [])
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+            ours.shutdown(socket.SHUT_WR)
+
+    def receive() -> None:
+        while True:
+            try:
+                data, ancillary, _, _ = ours.recvmsg(1 << 16, socket.CMSG_SPACE(16 * 4))
+            except ConnectionResetError:  # the pump closed with requests unread: all is received
+                return
+            for _, _, raw in ancillary:
+                for fd in array.array("i", raw[: len(raw) - len(raw) % 4]):
+                    os.close(fd)
+            if not data:
+                return
+            received.extend(data)
+
+    threads = [threading.Thread(target=send), threading.Thread(target=receive)]
+    for thread in threads:
+        thread.start()
+    pump(MessageSocket(theirs, LIMITS.max_msg_fds), connection, service, loop)
+    theirs.close()
+    for thread in threads:
+        thread.join()
+    ours.close()
+    device.detach_client()
+    device.backend.close()
+    return bytes(received)
+
+
 def open_fds() -> dict[int, str]:
     fds = {}
     for name in os.listdir("/proc/self/fd"):
@@ -233,23 +297,33 @@ def client_memory_mapped() -> list[str]:
         return [line.strip() for line in maps if MEMFD_NAME in line]
 
 
+def fresh_device() -> VirtualDevice:
+    device = VirtualDevice(SimBackend(PROFILE), PLAN)
+    device.apply_post_reset_writes()
+    return device
+
+
 def test_one_input(data: bytes) -> None:
     before = open_fds()
-    backend = SimBackend(PROFILE)
-    device = VirtualDevice(backend, PLAN)
-    device.apply_post_reset_writes()
+    device = fresh_device()
+    backend = device.backend
     connection = Connection(LIMITS)
     service = DeviceService(device, connection)
     client = Client()
     UNEXPECTED_EVENTS.caught.clear()
-    serve(decode(data), connection, service, client)
+    reads = decode(data)
+    serve(reads, connection, service, client)
     connection.close()
     device.detach_client()
     assert len(device.dma) == 0, f"{len(device.dma)} DMA mappings left after the client"
     assert device.attached_eventfds == 0, f"{device.attached_eventfds} eventfds left after the client"
+    backend.close()
+    # Python served the reads as they came; a socket may deliver them otherwise (it attaches a
+    # long send's fds to its first part), so the C loop is held to Python on the same socket.
+    in_c = serve_over_a_socket(reads, client, fast=True)
+    assert in_c == serve_over_a_socket(reads, client, fast=False), "the C fast path answered otherwise"
     client.close()
     assert not client_memory_mapped(), f"client memory still mapped: {client_memory_mapped()}"
-    backend.close()
     after = open_fds()
     assert after == before, f"fds left open: {sorted(set(after.items()) - set(before.items()))}"
 

@@ -14,6 +14,7 @@ no traceback reaches the user for anything they can fix.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -138,6 +139,7 @@ def _command_line_settings(args: argparse.Namespace) -> Settings:
         devices=(spec,),
         state_directory=Path(state) if state else None,
         client_timeout=getattr(args, "client_timeout", None) or DEFAULT_CLIENT_TIMEOUT,
+        fast_path=not getattr(args, "no_fast_path", False),
     )
 
 
@@ -158,6 +160,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             client_timeout=args.client_timeout,
         )
         settings = load_settings(args.config)
+        if args.no_fast_path:  # for debugging, over the config's
+            settings = dataclasses.replace(settings, fast_path=False)
     elif args.socket is None and "LISTEN_FDS" not in os.environ:
         raise InputErrors(
             [
@@ -496,6 +500,12 @@ def parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="DIR",
         help="without --config: where quarantine and hand-off records live (default: $STATE_DIRECTORY)",
+    )
+    serve.add_argument(
+        "--no-fast-path",
+        action="store_true",
+        help="answer every request in Python, not config and plain BAR accesses in the C loop "
+        "(for debugging; the config's fast_path = false says the same)",
     )
     serve.add_argument("--log-level", choices=log.LEVELS, help="default: the config's, else info")
     serve.add_argument(

@@ -52,6 +52,7 @@ from mediator.systemd import Notifier, listen_fds
 from mediator.tenancy import device_context
 from mediator.unix_listener import SocketError, bind_unix, give_access
 from mediator.vfio_user.server import DeviceServer, Peer
+from mediator.virt import fast_tables
 from mediator.virt.device import VirtualDevice
 from mediator.virt.errors import DeviceError
 from mediator.virt.plan import DevicePlan, PlanError
@@ -417,7 +418,9 @@ class Daemon:
         made: list[Listener] = []
         try:
             for managed in self.managed:
-                server = DeviceServer(managed.spec.name, managed, managed.metrics)
+                server = DeviceServer(
+                    managed.spec.name, managed, managed.metrics, fast_path=self.settings.fast_path
+                )
                 given = next(iter(inherited.values())) if single else inherited.pop(managed.spec.name, None)
                 if given:
                     made.append((server, given[0], None))
@@ -435,6 +438,14 @@ class Daemon:
         for name in inherited:
             log.warning("systemd passed a socket for no device of the config", name=name)
         return made
+
+    def _say_request_path(self) -> None:
+        if not self.settings.fast_path:
+            log.info("every request is answered in Python", why="--no-fast-path, or fast_path = false")
+        elif fast_tables.UNAVAILABLE is not None:
+            log.warning("every request is answered in Python", why=fast_tables.UNAVAILABLE)
+        else:
+            log.info("config and plain BAR accesses are answered by the C fast path")
 
     def _metrics_listener(self, listeners: list[Listener]) -> socket.socket | None:
         """The metrics socket, when the config asks for one; added to ``listeners`` for the clean-up."""
@@ -456,6 +467,7 @@ class Daemon:
         a service manager that sees a socket can always stop the daemon cleanly.
         """
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            self._say_request_path()
             listeners = self._listeners()
             metrics_listener = self._metrics_listener(listeners)
             reload_lock = trio.Lock()
@@ -518,6 +530,8 @@ class Daemon:
             self.fabric is None
         ) or settings.state_directory != self.settings.state_directory:
             log.warning("the fabric section or the state directory changed: that takes a restart")
+        if settings.fast_path != self.settings.fast_path:
+            log.warning("fast_path changed: that takes a restart")
         elif self.fabric is not None and settings.fabric is not None:
             self.fabric.reconfigure(settings.fabric, _tenants(settings))
         self.handoff.policy = settings.handoff

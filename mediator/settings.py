@@ -7,6 +7,8 @@ the file and the key::
     client_timeout = 5.0                # seconds the client waits for a reply: QEMU's x-msg-timeout
                                         # (ms) on -device vfio-user-pci; a guest's reset is answered
                                         # a second before it (a fifth before, under 5 s)
+    fast_path = true                    # config and plain BAR accesses answered by the C loop;
+                                        # false (or serve --no-fast-path): every request in Python
 
     [access]                            # defaults for every device's socket and clients
     socket_mode = 0o660                 # when the daemon makes the socket (not a .socket unit)
@@ -231,6 +233,7 @@ class SettingsSpec(Struct, forbid_unknown_fields=True, frozen=True):
     device: Annotated[list[DeviceSpec], Meta(min_length=1)]
     state_directory: str = str(DEFAULT_STATE_DIRECTORY)
     client_timeout: ClientTimeout = DEFAULT_CLIENT_TIMEOUT
+    fast_path: bool = True
     handoff: HandoffSpec = msgspec.field(default_factory=HandoffSpec)
     fabric: FabricSpec | None = None
     access: AccessSpec = msgspec.field(default_factory=AccessSpec)
@@ -246,6 +249,7 @@ class Settings:
     devices: tuple[DeviceSpec, ...]
     state_directory: Path | None  # None: quarantine lives in memory only, records go to the log
     client_timeout: float = DEFAULT_CLIENT_TIMEOUT  # how long every device's client waits for a reply
+    fast_path: bool = True  # the C loop answers what the devices' tables determine
     handoff: HandoffSpec = field(default_factory=HandoffSpec)
     fabric: FabricSpec | None = None
     access: dict[str, Access] = field(default_factory=dict)  # by device name; absent: Access()
@@ -402,6 +406,7 @@ def load_settings(path: Path) -> Settings:
         devices=tuple(_resolved(device, base) for device in spec.device),
         state_directory=base / spec.state_directory,
         client_timeout=spec.client_timeout,
+        fast_path=spec.fast_path,
         handoff=spec.handoff,
         fabric=spec.fabric,
         access=access,

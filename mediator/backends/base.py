@@ -39,6 +39,22 @@ class RegionInfo:
 
 
 @dataclass(frozen=True)
+class DirectAccess:
+    """Where code outside Python (the C fast path, ``mediator.virt.fast_tables``) finds a region's bytes.
+
+    Either ``fd`` (``pread``/``pwrite`` at ``file_offset`` + offset: a VFIO
+    device fd) or ``memory`` (a writable buffer of the region's real size).
+    An access touching a ``special`` range ((start, end) pairs) must go
+    through the backend's methods: a register with a behaviour, an injected fault.
+    """
+
+    fd: int = -1
+    file_offset: int = 0
+    memory: bytearray | mmap.mmap | None = None
+    special: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
 class IrqInfo:
     count: int
     flags: int
@@ -78,6 +94,13 @@ class Backend(Protocol):
         ...
 
     def read_region(self, index: int, offset: int, length: int) -> bytes: ...
+
+    def direct_access(self, index: int) -> DirectAccess | None:
+        """Where region ``index`` (BAR0-5, 6 the ROM, 7 config) may be reached directly; None: not at all.
+
+        Valid until the device is let go, taken back or closed.
+        """
+        ...
 
     def bar_memory(self, index: int, offset: int, size: int) -> mmap.mmap:
         """The daemon's own mapping of part of a BAR (page-aligned), as a peer's DMA target."""

@@ -37,7 +37,7 @@ from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
-from mediator.backends.base import BackendError, IrqInfo, RegionInfo
+from mediator.backends.base import BackendError, DirectAccess, IrqInfo, RegionInfo
 from mediator.backends.dma import DmaError, DmaMapping
 from mediator.backends.profile import Behaviour, Faults, Profile, load_profile
 from mediator.backends.space import IommuSpace
@@ -46,6 +46,7 @@ from mediator.pci.bars import BarType
 from mediator.pci.registers import COMMAND, COMMAND_MASTER, Identity
 from mediator.pci.rom import build_rom
 from mediator.vfio_abi import (
+    CONFIG_REGION,
     IRQ_COUNT,
     IRQ_ERR,
     IRQ_INFO_AUTOMASKED,
@@ -210,6 +211,23 @@ class SimBackend:
 
     def bar_memory(self, index: int, offset: int, size: int) -> mmap.mmap:
         return mmap.mmap(self._region(index)[0], size, offset=offset)
+
+    def direct_access(self, index: int) -> DirectAccess | None:
+        """The memory itself; the behaviours' registers and the injected config faults are special.
+
+        Config writes made there are not in ``config_writes``, which logs ``write_config``'s.
+        """
+        if index == CONFIG_REGION:
+            faulty = sorted(self.profile.faults.config_read_eio)
+            return DirectAccess(memory=self.config, special=tuple((at, at + 1) for at in faulty))
+        if not self._size(index):
+            return None
+        special = tuple(
+            (b.offset, b.offset + b.size)
+            for b in sorted(self.profile.behaviours, key=lambda b: b.offset)
+            if b.bar == index
+        )
+        return DirectAccess(memory=self.memory(index), special=special)
 
     def _check_region(self, index: int, offset: int, length: int) -> None:
         size = self._size(index)

@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 
 from mediator._vfio_shim import ffi, lib
 from mediator.backends import advice
-from mediator.backends.base import BackendError, BarAccess, IrqInfo, RegionInfo
+from mediator.backends.base import BackendError, BarAccess, DirectAccess, IrqInfo, RegionInfo
 from mediator.backends.dma import DmaMapping
 from mediator.backends.pinning import memlock_refusal
 from mediator.backends.space import IommuSpace
@@ -739,6 +739,13 @@ class VfioBackend:
 
     def read_region(self, index: int, offset: int, length: int) -> bytes:
         return self._pread(index, offset, length)
+
+    def direct_access(self, index: int) -> DirectAccess | None:
+        """The device fd at the kernel's region offset: the kernel's own config virtualization stays below."""
+        region = self._regions.get(index)
+        if region is None or not region.size:
+            return None
+        return DirectAccess(fd=self.device.fd, file_offset=region.offset)
 
     def bar_memory(self, index: int, offset: int, size: int) -> mmap.mmap:
         """Through the device fd, as a client maps it; the fd stays open while the mapping lives."""

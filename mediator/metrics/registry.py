@@ -119,6 +119,12 @@ class Histogram(_Series):
         self._counts[bisect_left(self._bounds, value)] += 1
         self.sum += value
 
+    def add(self, counts: Sequence[int], total: float) -> None:
+        """Observations made elsewhere: how many fell in each bucket (the overflow last), and their sum."""
+        for bucket, count in enumerate(counts):
+            self._counts[bucket] += count
+        self.sum += total
+
     def _render(self, out: list[str]) -> None:
         cumulative = list(accumulate(list(self._counts)))
         out.extend(line + str(count) for line, count in zip(self._bucket_lines, cumulative, strict=True))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -136,6 +137,16 @@ class DeviceMetrics:
         series[0].value += 1
         series[1].observe(seconds)
 
+    def requests(self, command: int, count: int, buckets: Sequence[int], seconds: float) -> None:
+        """``count`` requests handled elsewhere (the C fast path), by ``latency_bounds`` bucket."""
+        series = self._requests.get(command) or self._request_series(command)
+        series[0].value += count
+        series[1].add(buckets, seconds)
+
+    @property
+    def latency_bounds(self) -> tuple[float, ...]:
+        return self._families.durations.bounds
+
     def _request_series(self, command: int) -> tuple[Counter, Histogram]:
         name = _COMMAND_NAMES.get(command, UNKNOWN_COMMAND)
         series = (
@@ -158,9 +169,9 @@ class DeviceMetrics:
                 self._errors[(command, errno_value)] = counter
         counter.value += 1
 
-    def trapped_access(self, action: TrappedAction) -> None:
-        """One guest BAR access (or piece of one) answered by a trap window or the padding."""
-        self._trapped[action].value += 1
+    def trapped_access(self, action: TrappedAction, count: int = 1) -> None:
+        """``count`` guest BAR accesses (or pieces of one) answered by a trap window or the padding."""
+        self._trapped[action].value += count
 
     def dma_changed(self, mappings: int, pinned_bytes: int) -> None:
         """The client's DMA mappings now, after a map or unmap."""

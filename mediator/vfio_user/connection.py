@@ -255,6 +255,21 @@ class Connection:
         self._ready = state is State.READY  # one check per message on the hot path instead of two
 
     @property
+    def between_messages(self) -> bool:
+        """Ready, and nothing held: every byte received was handed out and answered, no fd waits.
+
+        The next byte read then starts a message: someone else (the C fast path) may read and
+        answer for a while, and hand back what it did not answer with ``receive``.
+        """
+        return (
+            self._ready
+            and self._read == len(self._buffer)
+            and self._current is None
+            and self._skipping is None
+            and not self._fds
+        )
+
+    @property
     def negotiated(self) -> bool:
         return self.state is not State.AWAITING_VERSION
 

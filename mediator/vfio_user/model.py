@@ -12,7 +12,7 @@ reports of each request (the daemon's metrics implement it).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class RegionDescription(Protocol):
@@ -83,10 +83,41 @@ class DeviceModel(Protocol):
         """The client's DEVICE_RESET."""
         ...
 
+    def fast_path(self) -> FastPathTables | None:
+        """The device's accesses compiled for the C fast path, for one session; None: Python serves all."""
+        ...
+
+
+class FastPathTables(Protocol):
+    """What the C loop executes for a device (``mediator.virt.fast_tables``)."""
+
+    @property
+    def device(self) -> Any:
+        """The ``struct fp_device *``."""
+        ...
+
+    def publish(self) -> None:
+        """Report what the loop counted for the device (it is not running)."""
+        ...
+
+    def close(self) -> None:
+        """The session is over: the tables give back what they point at."""
+        ...
+
 
 class RequestEvents(Protocol):
     def request(self, command: int, seconds: float) -> None:
         """One request handled, taking ``seconds``."""
+        ...
+
+    def requests(self, command: int, count: int, buckets: Sequence[int], seconds: float) -> None:
+        """``count`` requests handled elsewhere (the C fast path) taking ``seconds`` in all,
+        by bucket of ``latency_bounds`` (the overflow last)."""
+        ...
+
+    @property
+    def latency_bounds(self) -> tuple[float, ...]:
+        """The upper bounds (seconds) of the buckets ``requests`` counts in."""
         ...
 
     def request_failed(self, command: int, errno_value: int) -> None:
@@ -95,7 +126,12 @@ class RequestEvents(Protocol):
 
 
 class NoRequestEvents:
+    latency_bounds: tuple[float, ...] = ()
+
     def request(self, command: int, seconds: float) -> None:
+        pass
+
+    def requests(self, command: int, count: int, buckets: Sequence[int], seconds: float) -> None:
         pass
 
     def request_failed(self, command: int, errno_value: int) -> None:

@@ -30,6 +30,7 @@ import trio
 from mediator.audit import Auditor, RateLimiter
 from mediator.unix_listener import accept
 from mediator.vfio_user.connection import Connection, Limits
+from mediator.vfio_user.fast_loop import FastLoop, fits
 from mediator.vfio_user.model import DeviceModel, RequestEvents
 from mediator.vfio_user.service import DeviceService
 from mediator.vfio_user.transport import MessageSocket, pump
@@ -98,9 +99,17 @@ def peer_of(client: socket.socket) -> Peer:
 
 class DeviceServer:
     def __init__(
-        self, name: str, lifecycle: Lifecycle, events: ServerEvents, limits: Limits | None = None
+        self,
+        name: str,
+        lifecycle: Lifecycle,
+        events: ServerEvents,
+        limits: Limits | None = None,
+        *,
+        fast_path: bool = True,
     ) -> None:
+        """``fast_path``: let the C loop answer what the device's tables determine (``fast_loop``)."""
         self.name = name
+        self.fast_path = fast_path
         self.lifecycle = lifecycle
         self.events = events
         self.limits = limits or Limits()
@@ -204,7 +213,8 @@ class DeviceServer:
             service = DeviceService(
                 device, connection, refusal, events=self.events, auditor=self._refused_requests
             )
-            why = pump(MessageSocket(client, self.limits.max_msg_fds), connection, service)
+            fast = self._fast_loop(client, device, connection.limits)
+            why = pump(MessageSocket(client, self.limits.max_msg_fds), connection, service, fast)
             client.close()  # now, not after the hand-off: a slow one must not hold the fd
             self._live = False  # the next client may now connect and wait for the hand-off
             self.events.client_gone()
@@ -213,6 +223,12 @@ class DeviceServer:
                 self.lifecycle.client_gone(service.handled)
             except Exception:  # the daemon and its other devices keep going
                 log.exception("making the device ready after its client failed")
+
+    def _fast_loop(self, client: socket.socket, device: DeviceModel, limits: Limits) -> FastLoop | None:
+        if not self.fast_path or not fits(limits):
+            return None
+        tables = device.fast_path()
+        return None if tables is None else FastLoop(client, tables, limits, self.events.latency_bounds)
 
 
 async def _shut_on_cancel(client: socket.socket) -> None:

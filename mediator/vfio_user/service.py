@@ -144,6 +144,16 @@ class DeviceService:
     def handled(self) -> int:
         return self.counts.total()
 
+    @property
+    def serves(self) -> bool:
+        """Whether this client is served at all (else every request is refused, here)."""
+        return self.refusal is None
+
+    def answered_elsewhere(self, command: int, count: int, buckets: list[int], seconds: float) -> None:
+        """``count`` requests the C fast path answered, by latency bucket, ``seconds`` in all."""
+        self.counts[command] += count
+        self.events.requests(command, count, buckets, seconds)
+
     def _unhandled(self, command: int) -> Callable[[Request], Reply]:
         """Raises the CommandError for a command this service does not carry out."""
         refused = self._refused.get(command)

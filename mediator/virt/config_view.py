@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from mediator.virt.errors import RegionAccessError
@@ -43,6 +44,14 @@ class ConfigDevice(Protocol):
 
 def _int(data: bytes | bytearray) -> int:
     return int.from_bytes(data, "little")
+
+
+@dataclass(frozen=True)
+class ConfigRules:
+    virtual: bytes  # per byte: the bits served from the shadow
+    writable: bytes  # per byte: the bits a guest may write
+    segment_starts: tuple[int, ...]  # a write goes to the device one segment piece at a time
+    reset_bits: bytes  # per byte: bits whose write of 1 asks for a reset
 
 
 # Accesses up to this many bytes get a cached read plan (guests use 1, 2 and 4).
@@ -67,6 +76,15 @@ class ConfigView:
         self.size = len(initial_shadow)
         # keyed by offset << 4 | length (length <= CACHED_ACCESS < 16): no tuple per lookup
         self._read_plans: dict[int, tuple[int, tuple[tuple[int, int], ...]]] = {}
+
+    @property
+    def rules(self) -> ConfigRules:
+        """The view's rules as per-byte tables (what the C fast path executes)."""
+        writable = b"".join(s.writable for s in self._segments)
+        reset = bytearray(self.size)
+        for offset, bits in self._reset_triggers.items():
+            reset[offset] = bits
+        return ConfigRules(self._virtual, writable, tuple(self._starts), bytes(reset))
 
     def restore_shadow(self) -> None:
         self.shadow[:] = self._initial

@@ -57,10 +57,12 @@ from mediator.vfio_abi import (
     CONFIG_REGION,
     ROM_REGION,
 )
+from mediator.virt import fast_tables
 from mediator.virt.config_view import ConfigView
 from mediator.virt.dma_space import DmaSpace
 from mediator.virt.errors import DeviceError, RegionAccessError, device_error
 from mediator.virt.events import NO_EVENTS, DeviceEvents
+from mediator.virt.fast_tables import FastTables
 from mediator.virt.interrupts import Interrupts
 from mediator.virt.plan import DeviceContext, DevicePlan, TrapWindow, VirtualBar, build_plan
 from mediator.virt.reset import Resets
@@ -110,9 +112,8 @@ class VirtualDevice:
         self.plan = plan
         self.config = ConfigView(plan.segments, plan.initial_shadow, backend, plan.reset_triggers)
         self.auditor = Auditor()
-        # Why the device must not be served (a protection that could not be
-        # established, quarantine); None while it may be.
-        self.refusal: str | None = None
+        self._fast: FastTables | None = None  # the tables of the C fast path while a client is served
+        self._refusal: str | None = None
         self.name = backend.description  # the daemon names it after its config entry
         self.dma = DmaSpace(backend, max_dma_mappings, events)
         self.interrupts = Interrupts(backend)
@@ -122,6 +123,33 @@ class VirtualDevice:
         self._command_lock = threading.Lock()
         self._bus_master_held = False  # the guest set it, the hardware waits for pinning
         self.released = False  # let go for a wipe tool and not taken back yet
+
+    @property
+    def refusal(self) -> str | None:
+        """Why the device must not be served (a protection that could not be established,
+        quarantine); None while it may be. The C fast path follows it before its next request."""
+        return self._refusal
+
+    @refusal.setter
+    def refusal(self, reason: str | None) -> None:
+        self._refusal = reason
+        if self._fast is not None:
+            self._fast.refused = reason is not None
+
+    def fast_path(self) -> FastTables | None:
+        """The device's accesses compiled for the C fast path (for one session); None without it."""
+        if fast_tables.UNAVAILABLE is not None:
+            return None
+        tables = FastTables(
+            self.config,
+            self.plan,
+            self.backend,
+            python_writes=_BAR_REGISTERS,
+            padding_answered=lambda count: self.events.trapped_access("padding", count),
+        )
+        tables.refused = self._refusal is not None
+        self._fast = tables
+        return tables
 
     @property
     def events(self) -> DeviceEvents:

@@ -22,8 +22,8 @@ RESET_CAUSES: tuple[ResetCause, ...] = get_args(ResetCause)
 
 
 class DeviceEvents(Protocol):
-    def trapped_access(self, action: TrappedAction) -> None:
-        """One guest BAR access (or piece of one) answered by a trap window or the padding."""
+    def trapped_access(self, action: TrappedAction, count: int = 1) -> None:
+        """``count`` guest BAR accesses (or pieces of one) answered by a trap window or the padding."""
         ...
 
     def dma_changed(self, mappings: int, pinned_bytes: int) -> None:
@@ -38,7 +38,7 @@ class DeviceEvents(Protocol):
 
 
 class NoEvents:
-    def trapped_access(self, action: TrappedAction) -> None:
+    def trapped_access(self, action: TrappedAction, count: int = 1) -> None:
         pass
 
     def dma_changed(self, mappings: int, pinned_bytes: int) -> None:

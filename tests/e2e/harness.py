@@ -17,6 +17,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from mediator.daemon import Daemon
 from mediator.metrics.series import DeviceMetrics
 from mediator.settings import DeviceSpec, Settings
 from mediator.unix_listener import bind_unix
+from mediator.vfio_user.fast_loop import PUBLISH_DELAY
 from mediator.vfio_user.server import ClientRefusal, DeviceServer
 from mediator.vfio_user.wire import Command
 from mediator.virt.device import VirtualDevice
@@ -53,20 +55,28 @@ class CountingEvents:
 
     def __init__(self, metrics: DeviceMetrics) -> None:
         self.metrics = metrics
-        self.requests: collections.Counter[int] = collections.Counter()
+        self.counts: collections.Counter[int] = collections.Counter()
         self.sessions = 0
         self.refused = 0
 
     def request(self, command: int, seconds: float) -> None:
-        self.requests[command] += 1
+        self.counts[command] += 1
         self.metrics.request(command, seconds)
+
+    def requests(self, command: int, count: int, buckets: Sequence[int], seconds: float) -> None:
+        self.counts[command] += count
+        self.metrics.requests(command, count, buckets, seconds)
+
+    @property
+    def latency_bounds(self) -> tuple[float, ...]:
+        return self.metrics.latency_bounds
 
     def request_failed(self, command: int, errno_value: int) -> None:
         self.metrics.request_failed(command, errno_value)
 
     def client_connected(self) -> None:
         self.sessions += 1
-        self.requests.clear()
+        self.counts.clear()
         self.metrics.client_connected()
 
     def client_gone(self) -> None:
@@ -90,8 +100,9 @@ class Served:
     errors: list[BaseException] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
-        """Requests of the live session, by command name."""
-        return {Command(c).name: n for c, n in self.events.requests.items()}
+        """Requests of the live session, by command name, once the C loop has published its own."""
+        time.sleep(2 * PUBLISH_DELAY)
+        return {Command(c).name: n for c, n in self.events.counts.items()}
 
 
 @contextlib.contextmanager

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 from mediator.backends.profile import Profile
 from mediator.vfio_user.connection import Connection, Limits
+from mediator.vfio_user.fast_loop import FastLoop
+from mediator.vfio_user.model import NoRequestEvents, RequestEvents
 from mediator.vfio_user.service import DeviceService
 from mediator.vfio_user.transport import MessageSocket, pump
 from mediator.vfio_user.wire import FLAG_ERROR, HEADER, Command
@@ -142,17 +144,33 @@ class Client:
 
 
 class Session(Client):
-    def __init__(self, profile: str | Profile = "h100-sxm5", limits: Limits | None = None) -> None:
+    """``fast``: with the C fast path, as the daemon serves by default."""
+
+    def __init__(
+        self,
+        profile: str | Profile = "h100-sxm5",
+        limits: Limits | None = None,
+        *,
+        fast: bool = True,
+        events: RequestEvents | None = None,
+    ) -> None:
         self.device, self.backend = device(profile)
         client, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         super().__init__(client)
         self.connection = Connection(limits or Limits())
-        self.service = DeviceService(self.device, self.connection)
+        self.events = events or NoRequestEvents()
+        self.service = DeviceService(self.device, self.connection, events=self.events)
         self.why: str | None = None
+        tables = self.device.fast_path() if fast else None
+        if fast:
+            assert tables is not None, "the C fast path is not built"
+        loop = (
+            FastLoop(server, tables, self.connection.limits, self.events.latency_bounds) if tables else None
+        )
 
         def run() -> None:
             self.why = pump(
-                MessageSocket(server, self.connection.limits.max_msg_fds), self.connection, self.service
+                MessageSocket(server, self.connection.limits.max_msg_fds), self.connection, self.service, loop
             )
             server.close()
 
