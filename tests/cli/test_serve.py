@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import signal
 import socket
 import struct
@@ -126,3 +127,46 @@ def test_a_bad_client_timeout_flag_is_one_line_and_exit_2(
     )
     assert result.returncode == 2
     assert message in result.stderr.strip().splitlines()[-1]
+
+
+def config_read(sock: Path) -> bytes:
+    with socket.socket(socket.AF_UNIX) as client:
+        client.connect(str(sock))
+        client.settimeout(10)
+        exchange(client, Command.VERSION, struct.pack("=HH", 0, 0) + b"{}\0")
+        return exchange(client, Command.REGION_READ, struct.pack("=QII", 0, 7, 4))[16:]
+
+
+FAST = "config and plain BAR accesses are answered by the C fast path"
+PYTHON = "every request is answered in Python"
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [((), FAST), (("--no-fast-path",), PYTHON)],
+    ids=["fast path", "no fast path"],
+)
+def test_the_daemon_says_at_start_which_path_answers_and_serves_either_way(
+    tmp_path: Path, flags: tuple[str, ...], says: str
+) -> None:
+    sock = tmp_path / "gpu.sock"
+    daemon = DaemonProcess("--socket", str(sock), *flags)
+    try:
+        assert config_read(sock) == bytes.fromhex("de103023")
+    finally:
+        log = daemon.stop(signal.SIGTERM)
+    assert says in log and (FAST if says == PYTHON else PYTHON) not in log
+
+
+def test_without_the_built_extension_the_daemon_says_why_and_serves_in_python(tmp_path: Path) -> None:
+    blocker = tmp_path / "site"
+    blocker.mkdir()
+    # As if the optional extension had not built: importing it fails.
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['mediator._fast_path'] = None\n")
+    sock = tmp_path / "gpu.sock"
+    daemon = DaemonProcess("--socket", str(sock), env={**os.environ, "PYTHONPATH": str(blocker)})
+    try:
+        assert config_read(sock) == bytes.fromhex("de103023")
+    finally:
+        log = daemon.stop(signal.SIGTERM)
+    assert PYTHON in log and "the C fast path is not built" in log and FAST not in log

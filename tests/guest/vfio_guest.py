@@ -397,6 +397,9 @@ def daemon(
     else:
         process.wait()
         raise RuntimeError(f"serve exited {process.returncode}: {''.join(log)[-800:]}")
+    if not any("answered by the C fast path" in line for line in log):  # the daemon's default
+        process.kill()
+        raise RuntimeError(f"the daemon does not use the C fast path: {''.join(log)[-800:]}")
     failed = [line for line in log if "event='hand-off'" in line and "ok=False" in line]
     if failed:  # the device is quarantined: say why instead of failing at the first request
         process.kill()

@@ -83,6 +83,11 @@ def test_a_config_loads_with_paths_relative_to_its_folder(tmp_path: Path) -> Non
     assert settings.find("0000:3c:00.0") == settings.device("gpu2")
 
 
+def test_the_fast_path_is_on_unless_the_config_turns_it_off(tmp_path: Path) -> None:
+    assert load_settings(write(tmp_path, CONFIG)).fast_path
+    assert not load_settings(write(tmp_path, "fast_path = false\n" + CONFIG)).fast_path
+
+
 def test_client_timeout_is_qemus_default_unless_the_config_says_otherwise(tmp_path: Path) -> None:
     assert load_settings(write(tmp_path, CONFIG)).client_timeout == 5.0  # x-msg-timeout=5000
     assert load_settings(write(tmp_path, "client_timeout = 12\n" + CONFIG)).client_timeout == 12.0
@@ -209,6 +214,11 @@ BAD = [
         "<= 4294967.295",  # what x-msg-timeout, a uint32 of milliseconds, can say
     ),
     ('[[device]\nname = "a"\n', "", "invalid TOML"),
+    (
+        'fast_path = "yes"\n[[device]]\nname = "a"\nsocket = "s"\nprofile = "p"\n',
+        "fast_path",
+        "Expected `bool`",
+    ),
 ]
 
 
