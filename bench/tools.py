@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,57 @@ def number(pattern: str, text: str) -> float:
     if not found:
         raise SystemExit(f"unexpected output: {text!r}")
     return float(found.group(1))
+
+
+def start_daemon(
+    folder: Path, profile: str, devices: int, *, fast_path: bool = True
+) -> subprocess.Popen[bytes]:
+    """One ``vfio-mediator serve --config`` of simulated devices gpu0.. with their sockets in ``folder``.
+
+    Launched with this interpreter directly, so the Popen's pid is the daemon's
+    Python process (what ``rss_mib`` reads). ``fast_path=False`` writes
+    ``fast_path = false`` into the config: every request answered in Python.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [] if fast_path else ["fast_path = false"]
+    lines.append(f'state_directory = "{folder / "state"}"')
+    for i in range(devices):
+        lines += [
+            "[[device]]",
+            f'name = "gpu{i}"',
+            f'profile = "{profile}"',
+            f'socket = "{folder}/gpu{i}.sock"',
+        ]
+    (folder / "config.toml").write_text("\n".join(lines) + "\n")
+    command = [sys.executable, "-m", "mediator", "serve", "--config", str(folder / "config.toml")]
+    daemon = subprocess.Popen([*command, "--log-level", "warning"])
+    deadline = time.monotonic() + 10 + 2 * devices
+    while not all((folder / f"gpu{i}.sock").exists() for i in range(devices)):
+        if time.monotonic() > deadline or daemon.poll() is not None:
+            daemon.kill()
+            raise SystemExit("the daemon did not create its sockets")
+        time.sleep(0.05)
+    return daemon
+
+
+def run_together(commands: list[list[str]]) -> tuple[float, list[str]]:
+    """Start every command at once; the wall time from the first start to the last end, and each stdout."""
+    start = time.monotonic()
+    clients = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for command in commands]
+    outputs = [client.communicate()[0] for client in clients]
+    wall = time.monotonic() - start
+    for command, client in zip(commands, clients, strict=True):
+        if client.returncode:
+            raise SystemExit(f"{command} exited {client.returncode}")
+    return wall, outputs
+
+
+def rss_mib(pid: int) -> float:
+    """The resident set of process ``pid`` (VmRSS in /proc/PID/status), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise SystemExit(f"no VmRSS for process {pid}")
 
 
 def guest_figures(output: str) -> list[dict[str, Any]]:
