@@ -8,7 +8,8 @@ Python and audited, so every one is a trapped access), 64 requests in
 flight at a time; the other 15 are idle but probed: each round runs 15
 concurrent vfu-rtt.c clients (a C vfio-user client), one per device, each
 reading config space, twice: with no flood (idle), then during the flood.
-Each phase's figure is the median of the probes' p50s. Two daemons run side
+Each phase's figure is the median of the probes' p50s; the flood's rate
+while they ran prints beside it (what the flood got). Two daemons run side
 by side, one with the C fast path (the default) and one with
 ``fast_path = false`` (every request in Python), and each round measures
 both; rounds alternate idle and flooded so that the machine's noise hits
@@ -79,15 +80,16 @@ def flood(path: str, stop: StopEvent, reads: Synchronized[int]) -> None:
     sock.close()
 
 
-def probes(client: Path, folder: Path, devices: int, requests: int) -> float:
-    """The median of the p50s of concurrent config-read probes of gpu1 and on."""
-    _, outputs = run_together(
+def probes(client: Path, folder: Path, devices: int, requests: int) -> tuple[float, float]:
+    """The median of the p50s of concurrent config-read probes of gpu1 and on, and their wall time."""
+    wall, outputs = run_together(
         [[str(client), str(folder / f"gpu{d}.sock"), str(requests), "7", "0", "4"] for d in range(1, devices)]
     )
-    return statistics.median(number(r"p50_us=([\d.]+)", output) for output in outputs)
+    return statistics.median(number(r"p50_us=([\d.]+)", output) for output in outputs), wall
 
 
-def flooded_probes(client: Path, folder: Path, devices: int, requests: int) -> tuple[float, int]:
+def flooded_probes(client: Path, folder: Path, devices: int, requests: int) -> tuple[float, float]:
+    """The probes' median p50 during the flood, and the flood's reads/s while they ran."""
     stop, reads = multiprocessing.Event(), multiprocessing.Value("q", 0)
     flooder = multiprocessing.Process(target=flood, args=(str(folder / "gpu0.sock"), stop, reads))
     flooder.start()
@@ -96,11 +98,13 @@ def flooded_probes(client: Path, folder: Path, devices: int, requests: int) -> t
             if not flooder.is_alive():
                 raise SystemExit("the flood ended before it started")
             time.sleep(0.01)
-        latency = probes(client, folder, devices, requests)
+        before = reads.value
+        latency, wall = probes(client, folder, devices, requests)
+        rate = (reads.value - before) / wall
     finally:
         stop.set()
         flooder.join(30)
-    return latency, reads.value
+    return latency, rate
 
 
 def main() -> int:
@@ -112,7 +116,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.devices < 2:
         raise SystemExit("--devices: at least 2, one flooded and one probed")
-    figures: dict[str, tuple[list[float], list[float]]] = {path: ([], []) for path in PATHS}
+    figures: dict[str, tuple[list[float], list[float], list[float]]] = {path: ([], [], []) for path in PATHS}
     with tempfile.TemporaryDirectory(prefix="vfio-mediator-bench-") as scratch:
         scratch_folder = Path(scratch)
         [client] = build(scratch_folder, "vfu-rtt")
@@ -124,13 +128,14 @@ def main() -> int:
         try:
             for round_number in range(1, args.rounds + 1):
                 for path in PATHS:
-                    idle = probes(client, folders[path], args.devices, args.requests)
-                    busy, reads = flooded_probes(client, folders[path], args.devices, args.requests)
+                    idle, _ = probes(client, folders[path], args.devices, args.requests)
+                    busy, rate = flooded_probes(client, folders[path], args.devices, args.requests)
                     figures[path][0].append(idle)
                     figures[path][1].append(busy)
+                    figures[path][2].append(rate)
                     print(
                         f"round {round_number}: {path:12} idle p50 {idle:8.2f} us   during the flood p50 "
-                        f"{busy:8.2f} us ({reads:7} flood reads)   flooded/idle {busy / idle:5.2f}"
+                        f"{busy:8.2f} us (flood {rate:6.0f} reads/s)   flooded/idle {busy / idle:5.2f}"
                     )
         finally:
             for daemon in daemons.values():
@@ -140,11 +145,12 @@ def main() -> int:
         f"median over {args.rounds} rounds, {args.devices - 1} probes of {args.requests} requests each "
         f"(profile {args.profile}, {os.cpu_count()} CPUs), of the probes' median p50:"
     )
-    for path, (idles, busies) in figures.items():
+    for path, (idles, busies, rates) in figures.items():
         ratio = statistics.median(b / i for i, b in zip(idles, busies, strict=True))
         print(
             f"  {path:12} idle p50 {statistics.median(idles):8.2f} us   during the flood p50 "
-            f"{statistics.median(busies):8.2f} us   flooded/idle {ratio:5.2f}"
+            f"{statistics.median(busies):8.2f} us (flood {statistics.median(rates):6.0f} reads/s)"
+            f"   flooded/idle {ratio:5.2f}"
         )
     return 0
 
