@@ -10,7 +10,9 @@ machine's noise hits both; the script prints every round and the medians.
     bench/config_read_latency.py [--rounds 5] [--requests 20000] [--profile h100-sxm5] [--cpu 0]
 
 Two daemons run side by side, one with the C fast path (the default) and one
-with ``--no-fast-path``, and each round measures both.
+with ``--no-fast-path``, and vfu-echo.c, a C vfio-user server that does
+nothing: what any server can reach with this client. Each round measures all
+three.
 
 Exit status 0; the judgement is the printed ratios (targets for the fast
 path: p50 <= 1.15x floor, p99 <= 2x).
@@ -30,18 +32,28 @@ from pathlib import Path
 
 from tools import build, number
 
-PATHS = {"fast path": [], "pure Python": ["--no-fast-path"]}
+# The servers measured, by name: the daemon's two paths, and vfu-echo.c (a C vfio-user server
+# that does nothing), which says what any server measured this way can reach.
+PATHS: dict[str, list[str] | None] = {"fast path": [], "pure Python": ["--no-fast-path"], "C echo": None}
 
 
-def start_daemon(pin: list[str], profile: str, sock: Path, flags: list[str]) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "mediator", "serve", "--profile", profile, "--socket", str(sock)]
-    daemon = subprocess.Popen([*pin, *command, *flags, "--log-level", "warning"])
+def start_server(
+    pin: list[str], profile: str, folder: Path, flags: list[str] | None, echo: Path
+) -> subprocess.Popen[bytes]:
+    """The daemon with ``flags`` (None: vfu-echo) on ``folder``/gpu0.sock."""
+    sock = folder / "gpu0.sock"
+    folder.mkdir()
+    if flags is not None:
+        command = [sys.executable, "-m", "mediator", "serve", "--profile", profile, "--socket", str(sock)]
+        server = subprocess.Popen([*pin, *command, *flags, "--log-level", "warning"])
+    else:
+        server = subprocess.Popen([*pin, str(echo), str(folder), "1"])
     for _ in range(200):
         if sock.exists():
-            return daemon
+            return server
         time.sleep(0.05)
-    daemon.kill()
-    raise SystemExit("the daemon did not create its socket")
+    server.kill()
+    raise SystemExit(f"{'the daemon' if flags is not None else 'vfu-echo'} did not create its socket")
 
 
 def main() -> int:
@@ -61,9 +73,9 @@ def main() -> int:
     figures: dict[str, tuple[list[float], list[float]]] = {path: ([], []) for path in PATHS}
     with tempfile.TemporaryDirectory(prefix="vfio-mediator-bench-") as scratch:
         tools = Path(scratch)
-        pingpong, client = build(tools, "pingpong", "vfu-rtt")
+        pingpong, client, echo = build(tools, "pingpong", "vfu-rtt", "vfu-echo")
         daemons = {
-            path: start_daemon(pin, args.profile, tools / f"{i}.sock", flags)
+            path: start_server(pin, args.profile, tools / str(i), flags, echo)
             for i, (path, flags) in enumerate(PATHS.items())
         }
         try:
@@ -78,7 +90,7 @@ def main() -> int:
                         [
                             *pin,
                             str(client),
-                            str(tools / f"{i}.sock"),
+                            str(tools / str(i) / "gpu0.sock"),
                             str(args.requests),
                             "7",
                             args.offset,

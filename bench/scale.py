@@ -10,7 +10,10 @@ rotates from round to round so that the machine's noise hits all three:
   AF_UNIX stream socket, the sizes of a 4-byte REGION_READ);
 - 16 concurrent vfu-rtt.c clients (a C vfio-user client), one per device of
   the fast-path daemon, each N 4-byte config reads;
-- the same against the pure-Python daemon.
+- the same against the pure-Python daemon;
+- the same against vfu-echo.c, a C vfio-user server that does nothing (one
+  thread per socket): what any server can reach with this client, whose
+  three syscalls per request to pingpong's two cost on their own.
 
 Nothing is pinned. Aggregate requests/s is the sum of every client's N over
 the wall time from starting the first client until the last one ends (the
@@ -35,6 +38,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,6 +49,7 @@ from tools import build, number, rss_mib, run_together, start_daemon
 
 DAEMONS = {"fast path": True, "pure Python": False}
 FLOOR = "pingpong"
+ECHO = "C echo"  # vfu-rtt against vfu-echo.c, a server that does nothing: what the client leaves
 
 
 @dataclass
@@ -89,11 +94,13 @@ def main() -> int:
     parser.add_argument("--profile", default="h100-sxm5")
     args = parser.parse_args()
     n, devices = args.requests, args.devices
-    sides = [FLOOR, *DAEMONS]
+    sides = [FLOOR, ECHO, *DAEMONS]
     figures = {side: Figures() for side in sides}
     with TemporaryDirectory(prefix="vfio-mediator-bench-") as scratch:
         folder = Path(scratch)
-        pingpong, client = build(folder, "pingpong", "vfu-rtt")
+        pingpong, client, echo = build(folder, "pingpong", "vfu-rtt", "vfu-echo")
+        (folder / "echo").mkdir()
+        echoes = subprocess.Popen([str(echo), str(folder / "echo"), str(devices)])
         daemons = {
             path: start_daemon(folder / f"daemon{i}", args.profile, devices, fast_path=fast)
             for i, (path, fast) in enumerate(DAEMONS.items())
@@ -101,17 +108,19 @@ def main() -> int:
         try:
             time.sleep(1)  # past the start's last allocations
             idle = {path: rss_mib(daemon.pid) for path, daemon in daemons.items()}
+            folders = {ECHO: folder / "echo"} | {
+                path: folder / f"daemon{i}" for i, path in enumerate(DAEMONS)
+            }
             commands = {FLOOR: [[str(pingpong), str(n)]] * devices} | {
-                path: [
-                    [str(client), str(folder / f"daemon{i}" / f"gpu{d}.sock"), str(n), "7", "0", "4"]
-                    for d in range(devices)
+                side: [
+                    [str(client), str(where / f"gpu{d}.sock"), str(n), "7", "0", "4"] for d in range(devices)
                 ]
-                for i, path in enumerate(DAEMONS)
+                for side, where in folders.items()
             }
             for round_number in range(1, args.rounds + 1):
                 shift = (round_number - 1) % len(sides)
                 for side in sides[shift:] + sides[:shift]:
-                    if side == FLOOR:
+                    if side in (FLOOR, ECHO):
                         wall, outputs = run_together(commands[side])
                     else:
                         with Sampler(daemons[side].pid) as sampler:
@@ -127,14 +136,22 @@ def main() -> int:
                     print(f"round {round_number}: {describe(side, figures, -1)}")
             after = {path: rss_mib(daemon.pid) for path, daemon in daemons.items()}
         finally:
-            for daemon in daemons.values():
-                daemon.terminate()
-                daemon.wait(timeout=10)
+            for process in [echoes, *daemons.values()]:
+                process.terminate()
+                process.wait(timeout=10)
+    summarize(args, figures, idle, after)
+    return 0
+
+
+def summarize(
+    args: argparse.Namespace, figures: dict[str, Figures], idle: dict[str, float], after: dict[str, float]
+) -> None:
+    devices = args.devices
     print(
-        f"median over {args.rounds} rounds, {devices} clients of {n} requests each "
+        f"median over {args.rounds} rounds, {devices} clients of {args.requests} requests each "
         f"(profile {args.profile}, {os.cpu_count()} CPUs):"
     )
-    for side in sides:
+    for side in figures:
         print(f"  {describe(side, figures, None)}")
     target = 40 + 2 * devices
     for path in DAEMONS:
@@ -143,7 +160,6 @@ def main() -> int:
             f"{max(figures[path].rss):5.1f} MiB, idle after {after[path]:5.1f} MiB"
             f"   (target 40 MiB + 2 MiB per device = {target} MiB)"
         )
-    return 0
 
 
 def describe(side: str, figures: dict[str, Figures], at: int | None) -> str:

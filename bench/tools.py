@@ -18,7 +18,7 @@ def build(folder: Path, *names: str) -> list[Path]:
     binaries = []
     for name in names:
         binary = folder / name
-        subprocess.run(["gcc", "-O2", "-o", str(binary), str(HERE / f"{name}.c")], check=True)
+        subprocess.run(["gcc", "-O2", "-pthread", "-o", str(binary), str(HERE / f"{name}.c")], check=True)
         binaries.append(binary)
     return binaries
 
