@@ -256,7 +256,8 @@ count_answer(struct fp_session *session, int which, uint64_t nanoseconds)
 }
 
 static int
-answer(struct fp_device *device, struct fp_session *session, const uint8_t *message, uint32_t size)
+answer(struct fp_device *device, struct fp_session *session, const uint8_t *message, uint32_t size,
+       uint64_t *answered_at)
 {
     struct header header;
     uint64_t offset, started = now_ns();
@@ -304,7 +305,8 @@ answer(struct fp_device *device, struct fp_session *session, const uint8_t *mess
         memcpy(reply + FP_HEADER_SIZE, payload, ACCESS_SIZE);
         session->output_end += reply_size;
     }
-    count_answer(session, !reading, now_ns() - started);
+    *answered_at = now_ns();
+    count_answer(session, !reading, *answered_at - started);
     return ANSWERED;
 }
 
@@ -338,7 +340,7 @@ fp_serve(struct fp_device *device, struct fp_session *session)
         char buffer[CMSG_SPACE(FP_MAX_FDS * sizeof(int))];
         struct cmsghdr align;
     } control;
-    uint64_t entered = now_ns();
+    uint64_t entered = now_ns(), last_answer = entered; /* the loop's clock: answers read it */
 
     for (;;) {
         struct iovec vector;
@@ -355,7 +357,7 @@ fp_serve(struct fp_device *device, struct fp_session *session)
                 goto handover;
             if (session->input_end - session->input_start < size)
                 break;
-            done = answer(device, session, next, size);
+            done = answer(device, session, next, size, &last_answer);
             if (done == SEND_FAILED)
                 return FP_SOCKET_ERROR;
             if (done == PYTHON)
@@ -366,7 +368,7 @@ fp_serve(struct fp_device *device, struct fp_session *session)
             return FP_SOCKET_ERROR;
         if (session->input_start == session->input_end) {
             session->input_start = session->input_end = 0;
-            if (counters_to_publish(session, device) && now_ns() - entered >= session->yield_after_ns)
+            if (counters_to_publish(session, device) && last_answer - entered >= session->yield_after_ns)
                 return FP_YIELD;
         } else if (session->input_start) {
             memmove(session->input, session->input + session->input_start,

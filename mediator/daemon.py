@@ -530,10 +530,10 @@ class Daemon:
             self.fabric is None
         ) or settings.state_directory != self.settings.state_directory:
             log.warning("the fabric section or the state directory changed: that takes a restart")
-        if settings.fast_path != self.settings.fast_path:
-            log.warning("fast_path changed: that takes a restart")
         elif self.fabric is not None and settings.fabric is not None:
             self.fabric.reconfigure(settings.fabric, _tenants(settings))
+        if settings.fast_path != self.settings.fast_path:
+            log.warning("fast_path changed: that takes a restart")
         self.handoff.policy = settings.handoff
         self.settings = settings
         for managed in self.managed:

@@ -222,11 +222,7 @@ class SimBackend:
             return DirectAccess(memory=self.config, special=tuple((at, at + 1) for at in faulty))
         if not self._size(index):
             return None
-        special = tuple(
-            (b.offset, b.offset + b.size)
-            for b in sorted(self.profile.behaviours, key=lambda b: b.offset)
-            if b.bar == index
-        )
+        special = tuple((b.offset, b.offset + b.size) for b in self.profile.behaviours if b.bar == index)
         return DirectAccess(memory=self.memory(index), special=special)
 
     def _check_region(self, index: int, offset: int, length: int) -> None:

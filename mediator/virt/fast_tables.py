@@ -2,7 +2,7 @@
 
 The C loop decides nothing: every answer it gives follows from these tables,
 built here from the same objects the Python path reads, so the two cannot
-drift apart (``tests/unit/test_fast_path.py`` drives both and compares).
+drift apart (``tests/protocol/test_fast_path.py`` drives both and compares).
 
 - Config space: per byte the virtual and writable masks and the reset-trigger
   bits (``ConfigView.rules``), segment starts (a write reaches the device one
