@@ -83,6 +83,8 @@ class Peer:
 ACCEPT_BACKOFF = 0.1  # seconds before accepting again after accept() failed
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13; not in every Python build
 CREDENTIALS = struct.Struct("3i")
+# CPython refuses a getsockopt buffer over 1024 bytes (EINVAL, "buflen out of range"): 256 groups.
+PEER_GROUPS_BUFFER = 1024
 
 
 def peer_of(client: socket.socket) -> Peer:
@@ -90,8 +92,8 @@ def peer_of(client: socket.socket) -> Peer:
         client.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, CREDENTIALS.size)
     )
     try:
-        raw = client.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 1024)
-    except OSError:
+        raw = client.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, PEER_GROUPS_BUFFER)
+    except OSError:  # more groups than the buffer holds (ERANGE): only the primary one counts
         raw = b""
     groups = struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
     return Peer(pid, uid, frozenset((gid, *groups)))
