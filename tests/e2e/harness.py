@@ -165,8 +165,12 @@ class Machine:
         host: str | None = None,
         more: Sequence[Path] = (),
         ram: str = f"{RAM_SIZE}",
+        patience: float = 30,
     ) -> None:
         """QEMU with the vfio-user device on ``sock``, or with plain vfio-pci on ``host`` (a BDF).
+
+        ``patience``: how long QEMU may take to start and to answer one qtest command (it
+        answers none until its devices are realized: a socket-activated daemon starts first).
 
         ``more`` plugs further vfio-user devices into the root bus at 00:06.0, 00:07.0...
         ``ram`` is the guest's RAM, a memfd backend's ``size`` and options (e.g. ``8G,hugetlb=on``).
@@ -219,7 +223,7 @@ class Machine:
             stdout=subprocess.DEVNULL,
             stderr=self.stderr_path.open("w"),
         )
-        listener.settimeout(30)
+        listener.settimeout(patience)
         try:
             self.conn, _ = listener.accept()
         except TimeoutError:
@@ -227,7 +231,7 @@ class Machine:
             raise RuntimeError(f"QEMU did not start: {self.stderr()}") from None
         finally:
             listener.close()
-        self.conn.settimeout(30)
+        self.conn.settimeout(patience)
         # Commands go out with sendall, not through this file: a write through a
         # "rw" text file drops what it has read ahead, which lost an IRQ line that
         # came in the same read as the OK before it.

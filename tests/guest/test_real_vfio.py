@@ -23,7 +23,6 @@ import pytest
 from tests.e2e.harness import ROOT, qemu_binary
 from tests.guest.test_guest_lspci import guest_files
 
-MODULES = "irqbypass vfio vfio_iommu_type1 vfio-pci-core vfio-pci netfs 9pnet 9pnet_virtio 9p"
 # Two edu functions for one VM; a 32-bit DMA mask (edu's default is 28 bits) reaches the BARs below 4 GiB.
 # Two more behind a conventional PCI bridge, which share an IOMMU group.
 EDUS = (
@@ -36,6 +35,8 @@ EDUS = (
         "edu,bus=br0,addr=02.0,dma_mask=0xffffffff",
     ],
 )
+# The testbed's modules (VFIO, 9p, overlay), each after those it needs.
+LOAD_MODULES = "for m in $(cat /modules/order); do insmod /modules/$m.ko || echo RESULT-FAIL insmod $m; done"
 REPORT = Path(__file__).parents[2] / ".cache" / "real-vfio-report.json"
 # The checks' guest: room for a nested QEMU with the big-guest check's 2 GiB of RAM.
 GUEST_MEMORY = "4G"
@@ -74,7 +75,7 @@ def in_guest_script(module: str) -> str:
         for path in paths_to_keep_under_tmp([ROOT.resolve(), home, cache])
     )
     return (
-        f"for m in {MODULES}; do insmod /modules/$m.ko || echo RESULT-FAIL insmod $m; done; "
+        f"{LOAD_MODULES}; "
         "mkdir -p /host && mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 hostroot /host; "
         "mount -t proc proc /host/proc; mount -t sysfs sys /host/sys; mount -t devtmpfs dev /host/dev; "
         "mkdir -p /host-tmp && mount -o bind /host/tmp /host-tmp; mount -t tmpfs tmp /host/tmp; "
@@ -87,15 +88,21 @@ def run_in_guest(
 ) -> str:
     """Boot the real-VFIO guest (``memory`` of RAM) with ``devices`` beside the NIC and igb, run
     ``python -m module`` there on this checkout, and return the serial console's output."""
+    return boot(in_guest_script(module), devices, memory, timeout)
+
+
+def boot(script: str, devices: tuple[str, ...], memory: str, timeout: float, append: str = "") -> str:
+    """Boot the testbed guest with the IOMMU, ``devices``, the NIC and igb, and the host's root shared
+    read-only over 9p; its init runs ``script``. The serial console's output."""
     guest = guest_files()
-    command = base64.b64encode(in_guest_script(module).encode()).decode()
+    command = base64.b64encode(script.encode()).decode()
     return subprocess.run(
         [
             qemu_binary(),
             *["-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", memory, "-smp", "1"],
             *["-display", "none", "-nodefaults", "-serial", "stdio", "-no-reboot"],
             *["-kernel", str(guest / "vmlinuz"), "-initrd", str(guest / "initrd.gz")],
-            *["-append", f"console=ttyS0 quiet panic=-1 intel_iommu=on tb.cmd={command}"],
+            *["-append", f"console=ttyS0 quiet panic=-1 intel_iommu=on {append} tb.cmd={command}"],
             *["-device", "intel-iommu,caching-mode=on", *devices],
             *["-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1,addr=05.0"],
             *["-device", "virtio-net-pci,bus=rp1,ats=on,disable-legacy=on"],
@@ -109,19 +116,30 @@ def run_in_guest(
     ).stdout
 
 
-@pytest.fixture(scope="module")
-def results() -> dict[str, dict[str, Any]]:
-    output = run_in_guest("tests.guest.vfio_guest", memory=GUEST_MEMORY)
+def reported(output: str, report: Path) -> dict[str, dict[str, Any]]:
+    """The checks a guest's console reported (``RESULT {...}`` lines), also saved in ``report``;
+    raises with the console's end unless the guest got to its ``done``."""
     found = {}
     for line in output.splitlines():
         if line.startswith("RESULT "):
             result = json.loads(line[len("RESULT ") :])
             found[result["check"]] = result
-    REPORT.parent.mkdir(exist_ok=True)
-    REPORT.write_text(json.dumps(found, indent=1))
+    report.parent.mkdir(exist_ok=True)
+    report.write_text(json.dumps(found, indent=1))
     if "done" not in found:
-        raise RuntimeError(f"the guest did not finish its checks:\n{output[-4000:]}")
+        raise RuntimeError(f"the guest did not finish its checks:\n{output[-6000:]}")
     return found
+
+
+def assert_passed(results: dict[str, dict[str, Any]], check: str) -> None:
+    result = results.get(check)
+    assert result is not None, f"the guest never reported {check}"
+    assert result["ok"], f"{result.get('error')}\n{result.get('trace', '')}"
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, dict[str, Any]]:
+    return reported(run_in_guest("tests.guest.vfio_guest", memory=GUEST_MEMORY), REPORT)
 
 
 CHECKS = [
@@ -148,6 +166,4 @@ CHECKS = [
 
 @pytest.mark.parametrize("check", CHECKS)
 def test_real_vfio(results: dict[str, dict[str, Any]], check: str) -> None:
-    result = results.get(check)
-    assert result is not None, f"the guest never reported {check}"
-    assert result["ok"], f"{result.get('error')}\n{result.get('trace', '')}"
+    assert_passed(results, check)

@@ -1,0 +1,366 @@
+"""Runs INSIDE the systemd guest: systemd is PID 1, and this is its checks service.
+
+The guest's root is the host's, read-only over 9p under a writable overlay,
+so the host's Debian userland, systemd and udev run there as on a real host.
+This copies the checkout, runs the README's installation as written (pip
+offline from the host's wheels), binds the guest's edu functions to
+vfio-pci, then proves what the README claims about the shipped units, one
+``RESULT {"check": ...}`` line per claim on the serial console, and powers
+the guest off.
+
+    python -m tests.systemd.systemd_guest   (as the guest's tb-checks.service)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from tests.e2e.harness import ROOT, Machine
+from tests.guest.vfio_guest import (
+    EDU_IDS,
+    NO_RESET,
+    bind_to_vfio,
+    checked,
+    dma_round_trip,
+    find_all,
+    inspect,
+    report,
+)
+from tests.test_systemd_units import exposure_of
+
+SOURCE = Path("/root/vfio-mediator")  # the copy the README's steps run in: pip builds in it
+UNIT = "vfio-mediator@{bdf}"
+BAR = 0xE000_0000  # where the nested guest places edu's BAR0
+
+
+def readme_blocks() -> list[list[str]]:
+    """The sh blocks of the README's systemd section, as the commands they hold."""
+    section = (ROOT / "README.md").read_text().split("## Running under systemd\n")[1].split("\n## ")[0]
+    blocks = [part.split("```")[0] for part in section.split("```sh\n")[1:]]
+    return [
+        [line for line in block.splitlines() if line.strip() and not line.startswith("#")] for block in blocks
+    ]
+
+
+def sh(line: str, **env: str) -> str:
+    """One README line, as an operator's root shell runs it in the checkout; its output."""
+    result = subprocess.run(
+        ["sh", "-ec", line], cwd=SOURCE, env=os.environ | env, capture_output=True, text=True, check=False
+    )
+    if result.returncode:
+        raise RuntimeError(f"`{line}` exited {result.returncode}: {(result.stdout + result.stderr)[-1500:]}")
+    return result.stdout
+
+
+def systemctl(*args: str) -> str:
+    return subprocess.run(["systemctl", *args], capture_output=True, text=True, check=False).stdout.strip()
+
+
+def show(unit: str, *properties: str) -> dict[str, str]:
+    out = systemctl("show", unit, *(f"--property={p}" for p in properties))
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def status_of(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {key: value.strip() for key, value in (line.split(":", 1) for line in lines)}
+
+
+def journal(unit: str, since: str = "") -> list[dict[str, str]]:
+    """The unit's journal entries, as journald keeps them (``journalctl -o json``)."""
+    command = ["journalctl", "--no-pager", "-o", "json", "-u", unit, *(["--since", since] if since else [])]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def daemon_lines(entries: list[dict[str, str]]) -> list[dict[str, object]]:
+    """The daemon's own lines among a unit's journal entries (JSON objects), with journald's PRIORITY."""
+    found = []
+    for entry in entries:
+        message = entry.get("MESSAGE", "")
+        if isinstance(message, str) and message.startswith("{"):
+            found.append(json.loads(message) | {"PRIORITY": int(entry["PRIORITY"])})
+    return found
+
+
+def wait_for(condition: str, check: object, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {condition}")
+        time.sleep(0.5)
+
+
+# Under TCG a socket-activated daemon takes tens of seconds to start and answer QEMU's first
+# message; QEMU waits x-msg-timeout (5 s by default) for each reply.
+PATIENT_QEMU = ("-global", "vfio-user-pci.x-msg-timeout=150000")
+
+
+def guest_session(sock: Path) -> dict[str, object]:
+    """A nested QEMU (qtest) on ``sock``: its config view of the device, an edu DMA round trip, and
+    how long QEMU took to start (with the device realized: the daemon answered)."""
+    started = time.monotonic()
+    with Machine(sock, behind_root_port=False, extra=PATIENT_QEMU, patience=180) as vm:
+        realized = round(time.monotonic() - started, 1)
+        ids = vm.cfg_read(0, 4)
+        view = vm.config_space(0x100)
+        dma = dma_round_trip(vm, vm.bdf, BAR, 0x200000)
+    return {"ids": ids, "view": view, "dma": dma, "realized": realized}
+
+
+CONFIG = Path("/etc/vfio-mediator/config.toml")
+SITE_QUIRKS = Path("/etc/vfio-mediator/site.toml")
+
+
+def wipe_fails(device: str) -> Path:
+    """While this file exists, the operator's wipe of ``device`` fails (the config's wipe tests it)."""
+    return Path(f"/etc/vfio-mediator/wipe-fails-{device}")
+
+
+def site_quirks(subsystem: int) -> str:
+    """An operator table that gives edu a virtual subsystem vendor ID: a policy change a guest sees."""
+    return (
+        '[[quirk]]\nname = "site/edu-subsystem"\nreason = "the tenant sees our subsystem vendor"\n'
+        "match = { vendor = 0x1234, device = 0x11e8 }\n"
+        f"[[quirk.registers]]\noffset = 0x2c\nsize = 2\nvirtual = true\nwritable = 0\nvalue = {subsystem:#x}\n"
+    )
+
+
+def config_text(edus: list[str]) -> str:
+    devices = "".join(
+        f'[[device]]\nname = "gpu{n}"\nbdf = "{bdf}"\nsocket = "/run/vfio-mediator/gpu{n}.sock"\n'
+        f'quirks = ["{SITE_QUIRKS}"]\n'
+        for n, bdf in enumerate(edus)
+    )
+    return (
+        'state_directory = "/var/lib/vfio-mediator"\n'
+        f"client_timeout = {int(PATIENT_QEMU[1].rsplit('=', 1)[1]) / 1000}\n"
+        '[access]\nallow_users = ["libvirt-qemu", "root"]\n'
+        # edu has no reset method; a wipe that fails on demand quarantines a device.
+        f'[handoff]\nreset = "none"\nwipe = ["/bin/sh", "-c", "test ! -e {wipe_fails("{device}")}"]\n'
+        + devices
+    )
+
+
+def subsystem_vendor(sock: Path) -> int:
+    with Machine(sock, behind_root_port=False, extra=PATIENT_QEMU, patience=180) as vm:
+        return vm.cfg_read(0x2C, 2)
+
+
+def config_service(edus: list[str], enable: list[str]) -> None:
+    """The config service: two devices, per-device socket units, as the README's second way."""
+    service = "vfio-mediator.service"
+    sockets = [Path(f"/run/vfio-mediator/gpu{n}.sock") for n in range(2)]
+
+    @checked("config-service")
+    def _() -> dict[str, object]:
+        # The one-device unit of the first checks holds gpu0's function: it goes first.
+        systemctl("disable", "--now", f"vfio-mediator@{edus[0]}.socket", f"vfio-mediator@{edus[0]}.service")
+        CONFIG.parent.mkdir(exist_ok=True)
+        SITE_QUIRKS.write_text(site_quirks(0x1111))
+        CONFIG.write_text(config_text(edus[:2]))
+        for line in enable:
+            if "vfio-mediator.service" in line:
+                sh(line)
+        wait_for("READY", lambda: show(service, "ActiveState")["ActiveState"] == "active", timeout=300)
+        status = show(service, "StatusText", "Type", "NotifyAccess")
+        text = systemctl("status", "--no-pager", service)
+        seen = subsystem_vendor(sockets[1])
+        assert status["StatusText"] == "serving 2 devices", status
+        assert 'Status: "serving 2 devices"' in text, text
+        assert seen == 0x1111, hex(seen)
+        return {"status": status, "subsystem_vendor": hex(seen)}
+
+    @checked("reload")
+    def _() -> dict[str, object]:
+        pid = show(service, "MainPID")["MainPID"]
+        SITE_QUIRKS.write_text(site_quirks(0x2222))
+        systemctl("reload", service)
+        wait_for("the reload", lambda: show(service, "ActiveState")["ActiveState"] == "active")
+        seen = subsystem_vendor(sockets[1])
+        after = show(service, "MainPID", "NRestarts")
+        assert seen == 0x2222 and after["MainPID"] == pid, (hex(seen), pid, after)
+        return {"subsystem_vendor": hex(seen), "same_pid": True}
+
+    @checked("quarantine-restart-release")
+    def _() -> dict[str, object]:
+        wipe_fails("gpu0").touch()
+        subsystem_vendor(sockets[0])  # the session's end hands gpu0 off: the wipe fails
+        wait_for("quarantine", lambda: "1 refused" in show(service, "StatusText")["StatusText"])
+        systemctl("restart", service)
+        wait_for("the restart", lambda: show(service, "ActiveState")["ActiveState"] == "active", timeout=300)
+        after_restart = show(service, "StatusText")["StatusText"]
+        wipe_fails("gpu0").unlink()
+        released = sh("vfio-mediator release --device gpu0 --config /etc/vfio-mediator/config.toml")
+        seen = subsystem_vendor(sockets[0])
+        assert "1 refused" in after_restart, after_restart
+        assert "released from quarantine" in released and seen == 0x2222, (released, hex(seen))
+        return {"after_restart": after_restart, "released": released.strip()}
+
+
+def main() -> None:  # noqa: PLR0915  one nested function per check, in the order they run
+    started = time.monotonic()
+    edus = find_all("edu")
+    edu = edus[0]
+    unit = UNIT.format(bdf=edu)
+    install, enable = readme_blocks()
+
+    @checked("systemd")
+    def _() -> dict[str, object]:
+        pid1 = Path("/proc/1/comm").read_text().strip()
+        # The boot is still "starting" while this service (part of it) runs: ask for the units.
+        state = {
+            unit: systemctl("is-active", unit)
+            for unit in ("basic.target", "systemd-journald", "systemd-udevd")
+        }
+        failed = systemctl("--failed", "--no-legend", "--plain")
+        assert pid1 == "systemd" and set(state.values()) == {"active"}, (pid1, state)
+        return {"pid1": pid1, "units": state, "failed": failed.splitlines(), "edus": edus}
+
+    @checked("install")
+    def _() -> dict[str, object]:
+        shutil.copytree(
+            ROOT, SOURCE, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.so", ".cache")
+        )
+        wheels = os.environ["TB_WHEELS"]
+        for line in install:
+            sh(line, PIP_NO_INDEX="1", PIP_FIND_LINKS=wheels, PIP_DISABLE_PIP_VERSION_CHECK="1")
+        for bdf in edus:
+            bind_to_vfio(bdf)
+        inspect(edu)  # the policy's view, while no daemon holds the device
+        sh("udevadm settle")
+        groups = {path.name: path.group() for path in Path("/dev/vfio").iterdir() if path.name != "vfio"}
+        assert set(groups.values()) == {"vfio-mediator"}, groups  # the udev rule
+        return {"steps": len(install), "seconds": round(time.monotonic() - started), "groups": groups}
+
+    @checked("socket-activation")
+    def _() -> dict[str, object]:
+        one_device = [line.replace("0000:3b:00.0", edu) for line in enable if "@0000:3b:00.0" in line]
+        assert one_device, enable
+        # edu has no reset method: its hand-off would quarantine it (an operator's drop-in says so).
+        dropin = Path(f"/etc/systemd/system/{unit}.service.d/reset.conf")
+        dropin.parent.mkdir(parents=True, exist_ok=True)
+        dropin.write_text(
+            f"[Service]\nExecStart=\nExecStart=/usr/bin/vfio-mediator serve --device %I --reset {NO_RESET}\n"
+        )
+        systemctl("daemon-reload")
+        for line in one_device:
+            sh(line)
+        sock = Path(f"/run/vfio-mediator/{edu}.sock")
+        before = systemctl("is-active", f"{unit}.service")
+        assert before == "inactive" and systemctl("is-active", f"{unit}.socket") == "active", before
+        socket_file = {"owner": sock.owner(), "group": sock.group(), "mode": oct(sock.stat().st_mode & 0o777)}
+        assert socket_file == {"owner": "vfio-mediator", "group": "kvm", "mode": "0o660"}, socket_file
+        seen = guest_session(sock)
+        service = show(f"{unit}.service", "ActiveState", "MainPID", "NRestarts")
+        pid = int(service["MainPID"])
+        process = status_of(pid)
+        sandbox = {
+            "user": process["Uid"].split()[0],
+            "CapEff": process["CapEff"],
+            "CapBnd": process["CapBnd"],
+            "NoNewPrivs": process["NoNewPrivs"],
+            "Seccomp": process["Seccomp"],
+        }
+        policy = bytes.fromhex(inspect(edu)["virtual"]["config"])
+        assert service["ActiveState"] == "active", service
+        assert sandbox["user"] == str(pwd.getpwnam("vfio-mediator").pw_uid), sandbox
+        assert sandbox["CapEff"] == sandbox["CapBnd"] == "0000000000000000", sandbox
+        assert sandbox["NoNewPrivs"] == "1" and sandbox["Seccomp"] == "2", sandbox
+        assert seen["ids"] == EDU_IDS and seen["dma"], seen
+        # Identity, class, header type, subsystem and capability pointer: QEMU owns the BARs.
+        for start, end in ((0x00, 0x04), (0x08, 0x10), (0x2C, 0x30), (0x34, 0x35)):
+            assert seen["view"][start:end] == policy[start:end], (
+                hex(start),
+                seen["view"].hex(),
+                policy.hex(),
+            )
+        return {
+            "before": before,
+            "socket": socket_file,
+            "sandbox": sandbox,
+            "dma": seen["dma"],
+            "qemu_started_s": seen["realized"],
+        }
+
+    @checked("memlock")
+    def _() -> dict[str, object]:
+        dropin = Path(f"/etc/systemd/system/{unit}.service.d/memlock.conf")
+        dropin.parent.mkdir(parents=True, exist_ok=True)
+        dropin.write_text("[Service]\nLimitMEMLOCK=64K\n")
+        systemctl("daemon-reload")
+        systemctl("stop", f"{unit}.service")
+        try:
+            guest_session(Path(f"/run/vfio-mediator/{edu}.sock"))
+        except RuntimeError as e:  # QEMU maps the guest's RAM while it realizes the device
+            qemu = str(e)
+        else:
+            qemu = "QEMU started"
+        finally:
+            dropin.unlink()
+            systemctl("daemon-reload")
+            systemctl("stop", f"{unit}.service")
+        refusal = [
+            line
+            for line in daemon_lines(journal(unit))
+            if "RLIMIT_MEMLOCK" in json.dumps(line) and "LimitMEMLOCK=" in json.dumps(line)
+        ]
+        assert "command 2 error Operation not permitted" in qemu and refusal, (qemu[-500:], refusal)
+        return {"qemu": qemu.splitlines()[-1][-300:], "message": refusal[0]}
+
+    @checked("journal")
+    def _() -> dict[str, object]:
+        try:
+            seen = guest_session(Path(f"/run/vfio-mediator/{edu}.sock"))
+        finally:
+            systemctl("stop", f"{unit}.service")
+        lines = daemon_lines(journal(unit))
+        session = [line for line in lines if line.get("client") is not None]
+        audits = [line for line in lines if line.get("audit")]
+        levels = {str(line.get("level")): line["PRIORITY"] for line in lines}
+        assert seen["dma"] and session and all(line.get("device") for line in session), session[-3:]
+        assert audits, lines[-5:]
+        assert levels.get("info") == 6 and levels.get("warning", 4) == 4, levels
+        return {"lines": len(lines), "session": session[0], "audit": audits[0], "levels": levels}
+
+    @checked("hardening")
+    def _() -> dict[str, object]:
+        with Machine(
+            Path(f"/run/vfio-mediator/{edu}.sock"), behind_root_port=False, extra=PATIENT_QEMU, patience=180
+        ):
+            wait_for("the service", lambda: systemctl("is-active", f"{unit}.service") == "active")
+            out = subprocess.run(
+                ["systemd-analyze", "security", "--no-pager", f"{unit}.service"],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout
+        exposure = exposure_of(out)
+        # Offline the units rate as the README says (tests/test_systemd_units.py); running, systemd
+        # also sees the unit's real user and devices.
+        assert exposure <= 2.0, f"the running unit rates {exposure}:\n{out}"
+        return {"exposure": exposure, "analysis": [line for line in out.splitlines() if "✗" in line]}
+
+    config_service(edus, enable)
+
+    tail = subprocess.run(
+        ["journalctl", "--no-pager", "-o", "cat", "-n", "60", "-u", "vfio-mediator*"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    report("journal-tail", ok=True, lines=tail.splitlines())  # for whoever reads a failure
+    report("done", ok=True, seconds=round(time.monotonic() - started))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        subprocess.run(["systemctl", "poweroff", "--no-block"], check=False)
