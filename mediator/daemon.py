@@ -51,7 +51,7 @@ from mediator.state import StateStore
 from mediator.systemd import Notifier, listen_fds
 from mediator.tenancy import device_context
 from mediator.unix_listener import SocketError, bind_unix, give_access
-from mediator.vfio_user.server import DeviceServer, Peer
+from mediator.vfio_user.server import DeviceServer, Peer, UnservedDevice
 from mediator.virt import fast_tables
 from mediator.virt.device import VirtualDevice
 from mediator.virt.errors import DeviceError
@@ -62,7 +62,7 @@ log = structlog.get_logger("mediator.daemon")
 
 OPEN_ERRORS = (InputErrors, PlanError, ChainError, DeviceNotReady, BackendError)
 # (device server, or None for the metrics socket; listening socket; path we made and must remove)
-Listener = tuple[DeviceServer | None, socket.socket, Path | None]
+Listener = tuple[DeviceServer | UnservedDevice | None, socket.socket, Path | None]
 
 
 def open_backend(spec: DeviceSpec) -> Backend:
@@ -435,8 +435,11 @@ class Daemon:
         except BaseException:
             _close(made)
             raise
-        for name in inherited:
-            log.warning("systemd passed a socket for no device of the config", name=name)
+        for name, passed in inherited.items():
+            if name in self.failed:
+                made += [(UnservedDevice(name, self.failed[name]), listener, None) for listener in passed]
+            else:
+                log.warning("systemd passed a socket for no device of the config", name=name)
         return made
 
     def _say_request_path(self) -> None:

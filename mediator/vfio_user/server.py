@@ -233,6 +233,32 @@ class DeviceServer:
         return None if tables is None else FastLoop(client, tables, limits, self.events.latency_bounds)
 
 
+class UnservedDevice:
+    """A device of the config that could not be opened, on the socket systemd made for it.
+
+    Not accepting would leave each client waiting for a reply (QEMU: its x-msg-timeout, then it
+    fails), since systemd starts nothing for a socket whose service runs. Each is closed at once.
+    """
+
+    def __init__(self, name: str, why: str) -> None:
+        self.name, self.why = name, why
+        self._refusals_logged = RateLimiter()
+
+    async def serve(self, listener: socket.socket) -> None:
+        while True:
+            client = await accept(listener, backoff=ACCEPT_BACKOFF, failed=lambda _: None)
+            client.close()
+            dropped = self._refusals_logged.allow()
+            if dropped is not None:
+                log.warning(
+                    "refused a client: the device could not be opened",
+                    device=self.name,
+                    why=self.why,
+                    audit=True,
+                    **({"suppressed": dropped} if dropped else {}),
+                )
+
+
 async def _shut_on_cancel(client: socket.socket) -> None:
     try:
         await trio.sleep_forever()

@@ -137,6 +137,32 @@ def test_socket_activation_readiness_watchdog_reload_and_stop(tmp_path: Path) ->
     assert "Traceback" not in daemon.log
 
 
+def test_a_device_that_cannot_be_opened_closes_the_clients_of_its_socket_unit(tmp_path: Path) -> None:
+    """Its socket is systemd's and stays: without the daemon accepting, a client would wait for a
+    reply until its own timeout (QEMU: x-msg-timeout, 5 s), as nothing else would ever answer."""
+    config = tmp_path / "config.toml"
+    config.write_text(CONFIG.format(clique=3).replace('"gp108m-mx150"', '"no-such-profile"'))
+    manager = Manager(tmp_path)
+    sockets = [("gpu0", listening(tmp_path / "gpu0.sock")), ("gpu1", listening(tmp_path / "gpu1.sock"))]
+    daemon = DaemonProcess(
+        "--config", str(config), "--log-format", "json", env=manager.env(), sockets=sockets
+    )
+    with daemon:
+        assert manager.wait_for("READY")["STATUS"] == "serving 1 device; 1 not opened: gpu1"
+        with connect(tmp_path / "gpu1.sock") as client:
+            client.sendall(HEADER.pack(1, Command.VERSION, 20, 0, 0) + struct.pack("=HH", 0, 0))
+            try:  # closed at once, well within the client's 10 s timeout (reset: our bytes were unread)
+                closed = client.recv(16) == b""
+            except ConnectionResetError:
+                closed = True
+            assert closed
+        refused = daemon.wait_for_event("refused a client: the device could not be opened", device="gpu1")
+        assert refused["audit"] and "no-such-profile" in refused["why"]
+        with connect(tmp_path / "gpu0.sock") as served:
+            assert version(served) == 0
+    assert "Traceback" not in daemon.log
+
+
 def test_a_bad_config_on_reload_changes_nothing(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text(CONFIG.format(clique=3))
