@@ -15,6 +15,7 @@ HERE = "cshim"
 CDEF = """
 long shim_ioctl(int fd, unsigned long request, void *arg);
 long shim_ioctl_value(int fd, unsigned long request, unsigned long value);
+long shim_forbid_core_dumps(void);
 
 static const unsigned long VFIO_GET_API_VERSION;
 static const unsigned long VFIO_CHECK_EXTENSION;

@@ -86,4 +86,7 @@ struct iommu_ioas_unmap {
 long shim_ioctl(int fd, unsigned long request, void *arg);
 long shim_ioctl_value(int fd, unsigned long request, unsigned long value);
 
+/* The process makes no core dump and cannot be ptraced by its own user: 0 or -errno. */
+long shim_forbid_core_dumps(void);
+
 #endif

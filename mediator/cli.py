@@ -34,7 +34,7 @@ from mediator.backends.base import BAR_ACCESS_MODES, BackendError
 from mediator.backends.profile import DEFAULT_PROFILE, load_profile, resolve_profile, shipped_profiles
 from mediator.backends.sim import SimBackend
 from mediator.backends.sysfs import DeviceNotReady
-from mediator.daemon import Daemon, open_device
+from mediator.daemon import Daemon, forbid_core_dumps, open_device
 from mediator.errors import InputError, InputErrors
 from mediator.handoff import HandOff, HandOffReason, Owner
 from mediator.pci.address import AddressError, normalize_bdf
@@ -173,6 +173,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         settings = _command_line_settings(args)
     log.configure(args.log_level or settings.log.level, args.log_format or settings.log.format)
+    forbid_core_dumps()
     try:
         daemon = Daemon.open(settings, args.config)
     except StateError as e:

@@ -32,6 +32,7 @@ from pathlib import Path
 import structlog
 import trio
 
+from mediator._vfio_shim import lib as shim
 from mediator.audit import audit_log
 from mediator.backends.base import Backend, BackendError
 from mediator.backends.profile import load_profile, resolve_profile
@@ -61,7 +62,18 @@ from mediator.vms import VmId, Vms, vm_of
 log = structlog.get_logger("mediator.daemon")
 
 OPEN_ERRORS = (InputErrors, PlanError, ChainError, DeviceNotReady, BackendError)
+
+
 # (device server, or None for the metrics socket; listening socket; path we made and must remove)
+def forbid_core_dumps() -> None:
+    """No core dump of the serving daemon: it maps its clients' guest RAM (for DMA), so a crash or
+    a watchdog's SIGABRT would write a tenant's memory to disk, and a dump that large keeps the
+    dying process, and the VFIO groups it holds, busy while it is written."""
+    result = int(shim.shim_forbid_core_dumps())
+    if result < 0:
+        raise OSError(-result, f"prctl(PR_SET_DUMPABLE, 0): {os.strerror(-result)}")
+
+
 Listener = tuple[DeviceServer | UnservedDevice | None, socket.socket, Path | None]
 
 

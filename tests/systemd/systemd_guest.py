@@ -17,6 +17,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from tests.guest.vfio_guest import (
     NO_RESET,
     bind_to_vfio,
     checked,
+    connect_to,
     dma_round_trip,
     find_all,
     inspect,
@@ -153,7 +155,7 @@ def subsystem_vendor(sock: Path) -> int:
         return vm.cfg_read(0x2C, 2)
 
 
-def config_service(edus: list[str], enable: list[str]) -> None:
+def config_service(edus: list[str], enable: list[str]) -> None:  # noqa: PLR0915  one check per claim
     """The config service: two devices, per-device socket units, as the README's second way."""
     service = "vfio-mediator.service"
     sockets = [Path(f"/run/vfio-mediator/gpu{n}.sock") for n in range(2)]
@@ -202,6 +204,35 @@ def config_service(edus: list[str], enable: list[str]) -> None:
         assert "1 refused" in after_restart, after_restart
         assert "released from quarantine" in released and seen == 0x2222, (released, hex(seen))
         return {"after_restart": after_restart, "released": released.strip()}
+
+    @checked("watchdog")
+    def _() -> dict[str, object]:
+        before = show(service, "MainPID", "NRestarts", "WatchdogUSec")
+        # A client mid-session that holds no fd of the device (QEMU's BAR mmaps would hold its
+        # VFIO group until QEMU exits: the README says what that means for a restart).
+        with connect_to(sockets[1]) as client:
+            assert client.region_read(7, 0, 4).payload[16:] == EDU_IDS.to_bytes(4, "little")
+            stopped = time.monotonic()
+            os.kill(int(before["MainPID"]), signal.SIGSTOP)
+            wait_for(
+                "the restart",
+                lambda: (
+                    show(service, "NRestarts")["NRestarts"] != before["NRestarts"]
+                    and show(service, "ActiveState")["ActiveState"] == "active"
+                ),
+                timeout=300,
+            )
+            restarted = round(time.monotonic() - stopped, 1)
+        entries = journal(service)
+        fired = [e["MESSAGE"] for e in entries if "Watchdog timeout" in str(e.get("MESSAGE"))]
+        recovery = [
+            line
+            for line in daemon_lines(entries)
+            if line.get("event") == "hand-off" and "recovery" in json.dumps(line)
+        ]
+        served = subsystem_vendor(sockets[1])  # the device the stopped daemon left is served again
+        assert fired and recovery and served == 0x2222, (fired, recovery, hex(served))
+        return {"watchdog": fired[-1], "restarted_after_s": restarted, "recovery": recovery[-1]["record"]}
 
 
 def main() -> None:  # noqa: PLR0915  one nested function per check, in the order they run
@@ -267,12 +298,15 @@ def main() -> None:  # noqa: PLR0915  one nested function per check, in the orde
             "CapBnd": process["CapBnd"],
             "NoNewPrivs": process["NoNewPrivs"],
             "Seccomp": process["Seccomp"],
+            # A process that may not dump core has its /proc files (not the folder) owned by root.
+            "proc_owner": Path(f"/proc/{pid}/environ").stat().st_uid,
         }
         policy = bytes.fromhex(inspect(edu)["virtual"]["config"])
         assert service["ActiveState"] == "active", service
         assert sandbox["user"] == str(pwd.getpwnam("vfio-mediator").pw_uid), sandbox
         assert sandbox["CapEff"] == sandbox["CapBnd"] == "0000000000000000", sandbox
         assert sandbox["NoNewPrivs"] == "1" and sandbox["Seccomp"] == "2", sandbox
+        assert sandbox["proc_owner"] == 0, sandbox  # no core dump can carry guest RAM to disk
         assert seen["ids"] == EDU_IDS and seen["dma"], seen
         # Identity, class, header type, subsystem and capability pointer: QEMU owns the BARs.
         for start, end in ((0x00, 0x04), (0x08, 0x10), (0x2C, 0x30), (0x34, 0x35)):

@@ -42,6 +42,8 @@ CHECKS = [
     "hardening",
     "config-service",
     "reload",
+    "quarantine-restart-release",
+    "watchdog",
 ]
 
 
