@@ -27,10 +27,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from tools import build, number
+from tools import await_sockets, build, number
 
 # The servers measured, by name: the daemon's two paths, and vfu-echo.c (a C vfio-user server
 # that does nothing), which says what any server measured this way can reach.
@@ -48,12 +47,7 @@ def start_server(
         server = subprocess.Popen([*pin, *command, *flags, "--log-level", "warning"])
     else:
         server = subprocess.Popen([*pin, str(echo), str(folder), "1"])
-    for _ in range(200):
-        if sock.exists():
-            return server
-        time.sleep(0.05)
-    server.kill()
-    raise SystemExit(f"{'the daemon' if flags is not None else 'vfu-echo'} did not create its socket")
+    return await_sockets(server, [sock], 10, "the daemon" if flags is not None else "vfu-echo")
 
 
 def main() -> int:

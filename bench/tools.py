@@ -53,13 +53,21 @@ def start_daemon(
     (folder / "config.toml").write_text("\n".join(lines) + "\n")
     command = [sys.executable, "-m", "mediator", "serve", "--config", str(folder / "config.toml")]
     daemon = subprocess.Popen([*command, "--log-level", "warning"])
-    deadline = time.monotonic() + 10 + 2 * devices
-    while not all((folder / f"gpu{i}.sock").exists() for i in range(devices)):
-        if time.monotonic() > deadline or daemon.poll() is not None:
-            daemon.kill()
-            raise SystemExit("the daemon did not create its sockets")
+    sockets = [folder / f"gpu{i}.sock" for i in range(devices)]
+    return await_sockets(daemon, sockets, 10 + 2 * devices, "the daemon")
+
+
+def await_sockets(
+    server: subprocess.Popen[bytes], sockets: list[Path], seconds: float, who: str
+) -> subprocess.Popen[bytes]:
+    """``server`` once all of ``sockets`` exist; killed, and the script ends, if it never makes them."""
+    deadline = time.monotonic() + seconds
+    while not all(sock.exists() for sock in sockets):
+        if time.monotonic() > deadline or server.poll() is not None:
+            server.kill()
+            raise SystemExit(f"{who} did not create its sockets")
         time.sleep(0.05)
-    return daemon
+    return server
 
 
 def run_together(commands: list[list[str]]) -> tuple[float, list[str]]:

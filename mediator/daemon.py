@@ -62,9 +62,10 @@ from mediator.vms import VmId, Vms, vm_of
 log = structlog.get_logger("mediator.daemon")
 
 OPEN_ERRORS = (InputErrors, PlanError, ChainError, DeviceNotReady, BackendError)
-
-
 # (device server, or None for the metrics socket; listening socket; path we made and must remove)
+Listener = tuple[DeviceServer | UnservedDevice | None, socket.socket, Path | None]
+
+
 def forbid_core_dumps() -> None:
     """No core dump of the serving daemon: it maps its clients' guest RAM (for DMA), so a crash or
     a watchdog's SIGABRT would write a tenant's memory to disk, and a dump that large keeps the
@@ -72,9 +73,6 @@ def forbid_core_dumps() -> None:
     result = int(shim.shim_forbid_core_dumps())
     if result < 0:
         raise OSError(-result, f"prctl(PR_SET_DUMPABLE, 0): {os.strerror(-result)}")
-
-
-Listener = tuple[DeviceServer | UnservedDevice | None, socket.socket, Path | None]
 
 
 def open_backend(spec: DeviceSpec) -> Backend:

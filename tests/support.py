@@ -28,7 +28,13 @@ from mediator.virt.errors import DeviceError
 from mediator.virt.plan import DeviceContext
 
 PROFILES = shipped_profiles()
+README = Path(__file__).parents[1] / "README.md"
 BUILTIN = QuirkTable.load()
+
+
+def readme_section(title: str) -> str:
+    """README.md's ``## title`` section, without its heading: tests hold the README to what it says."""
+    return README.read_text().split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
 
 
 def profile(name: str) -> Profile:

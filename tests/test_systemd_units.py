@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import readme_section
+
 UNITS = Path(__file__).parents[1] / "systemd"
-README = Path(__file__).parents[1] / "README.md"
 INSTANCES = {
     "vfio-mediator@.service": "vfio-mediator@dev0.service",
     "vfio-mediator@.socket": "vfio-mediator@dev0.socket",
@@ -45,7 +46,7 @@ def exposure_of(analysis: str) -> float:
 
 def documented_exposure() -> float:
     """The score README.md's "Hardening" paragraph gives both services."""
-    text = " ".join(README.read_text().split())
+    text = " ".join(readme_section("Running under systemd").split())
     return float(text.split("`systemd-analyze security` rates both services ")[1].split()[0])
 
 

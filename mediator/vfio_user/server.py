@@ -99,6 +99,30 @@ def peer_of(client: socket.socket) -> Peer:
     return Peer(pid, uid, frozenset((gid, *groups)))
 
 
+class Door:
+    """A device socket's refusals and accept errors, logged through rate limits: a local flood must
+    not fill a journal."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._refusals_logged = RateLimiter()
+        # The connection stays queued and is retried every ACCEPT_BACKOFF: a line a minute says it all.
+        self._accept_errors_logged = RateLimiter(rate=1 / 60, burst=3)
+
+    def refuse(self, connection: socket.socket, event: str, **fields: object) -> None:
+        """Close a refused connection; ``event`` says why."""
+        connection.close()
+        dropped = self._refusals_logged.allow()
+        if dropped is not None:
+            log.warning(event, device=self.name, **fields, **({"suppressed": dropped} if dropped else {}))
+
+    def accept_failed(self, error: OSError) -> None:
+        """Out of fds, or the like: this device waits, the others go on."""
+        dropped = self._accept_errors_logged.allow()
+        if dropped is not None:
+            log.error("cannot accept a client", device=self.name, why=str(error), suppressed=dropped)
+
+
 class DeviceServer:
     def __init__(
         self,
@@ -123,16 +147,14 @@ class DeviceServer:
         self._live_socket: socket.socket | None = None
         self._waiting = False
         self._counter = itertools.count(1)
-        self._refusals_logged = RateLimiter()
-        # The connection stays queued and is retried every ACCEPT_BACKOFF: a line a minute says it all.
-        self._accept_errors_logged = RateLimiter(rate=1 / 60, burst=3)
+        self._door = Door(name)
 
     async def serve(self, listener: socket.socket) -> None:
         """Accept clients until cancelled."""
         log.info("serving", device=self.name, socket=listener.getsockname())
         async with trio.open_nursery() as nursery:
             while True:
-                client = await accept(listener, backoff=ACCEPT_BACKOFF, failed=self._accept_failed)
+                client = await accept(listener, backoff=ACCEPT_BACKOFF, failed=self._door.accept_failed)
                 number = next(self._counter)
                 try:
                     peer = peer_of(client)
@@ -144,7 +166,7 @@ class DeviceServer:
                     continue
                 if not self.lifecycle.allows(peer):
                     self.events.client_refused("credentials")
-                    self._refuse(
+                    self._door.refuse(
                         client,
                         "refused a client: its user and groups may not use this device",
                         client=number,
@@ -156,23 +178,10 @@ class DeviceServer:
                     continue
                 if self._waiting or (self._live and not self._live_client_hung_up()):
                     self.events.client_refused("busy")
-                    self._refuse(client, "refused a second client: the device has one", client=number)
+                    self._door.refuse(client, "refused a second client: the device has one", client=number)
                     continue
                 self._waiting = self._turn.locked()
                 nursery.start_soon(self._session, client, number, peer)
-
-    def _accept_failed(self, error: OSError) -> None:
-        """Out of fds, or the like: this device waits, the others go on."""
-        dropped = self._accept_errors_logged.allow()
-        if dropped is not None:
-            log.error("cannot accept a client", device=self.name, why=str(error), suppressed=dropped)
-
-    def _refuse(self, connection: socket.socket, why: str, **fields: object) -> None:
-        """Close a refused connection, logged through a rate limit: a local flood must not fill a journal."""
-        connection.close()
-        dropped = self._refusals_logged.allow()
-        if dropped is not None:
-            log.warning(why, device=self.name, **fields, **({"suppressed": dropped} if dropped else {}))
 
     def _live_client_hung_up(self) -> bool:
         """Whether the served client has already closed its end (its session is about to end)."""
@@ -241,22 +250,15 @@ class UnservedDevice:
     """
 
     def __init__(self, name: str, why: str) -> None:
-        self.name, self.why = name, why
-        self._refusals_logged = RateLimiter()
+        self.why = why
+        self._door = Door(name)
 
     async def serve(self, listener: socket.socket) -> None:
         while True:
-            client = await accept(listener, backoff=ACCEPT_BACKOFF, failed=lambda _: None)
-            client.close()
-            dropped = self._refusals_logged.allow()
-            if dropped is not None:
-                log.warning(
-                    "refused a client: the device could not be opened",
-                    device=self.name,
-                    why=self.why,
-                    audit=True,
-                    **({"suppressed": dropped} if dropped else {}),
-                )
+            client = await accept(listener, backoff=ACCEPT_BACKOFF, failed=self._door.accept_failed)
+            self._door.refuse(
+                client, "refused a client: the device could not be opened", why=self.why, audit=True
+            )
 
 
 async def _shut_on_cancel(client: socket.socket) -> None:

@@ -37,6 +37,8 @@ EDUS = (
 )
 # The testbed's modules (VFIO, 9p, overlay), each after those it needs.
 LOAD_MODULES = "for m in $(cat /modules/order); do insmod /modules/$m.ko || echo RESULT-FAIL insmod $m; done"
+# The host's root, which boot() shares read-only: mount it at the path that follows.
+MOUNT_HOST_ROOT = "mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 hostroot"
 REPORT = Path(__file__).parents[2] / ".cache" / "real-vfio-report.json"
 # The checks' guest: room for a nested QEMU with the big-guest check's 2 GiB of RAM.
 GUEST_MEMORY = "4G"
@@ -76,7 +78,7 @@ def in_guest_script(module: str) -> str:
     )
     return (
         f"{LOAD_MODULES}; "
-        "mkdir -p /host && mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 hostroot /host; "
+        f"mkdir -p /host && {MOUNT_HOST_ROOT} /host; "
         "mount -t proc proc /host/proc; mount -t sysfs sys /host/sys; mount -t devtmpfs dev /host/dev; "
         "mkdir -p /host-tmp && mount -o bind /host/tmp /host-tmp; mount -t tmpfs tmp /host/tmp; "
         f"{keep}chroot /host /bin/sh -c '{run}'"

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import ROOT, qemu_binary
+from tests.e2e.harness import qemu_binary
 from tests.e2e.test_qemu_gpu_policy import handoff
 from tests.guest.test_guest_lspci import SHELL, assert_guest_sees_the_policy, guest_files, inspected_config
 from tests.libvirt.private_libvirt import PrivateLibvirt, missing_tools
-from tests.support import DaemonProcess, device
+from tests.support import DaemonProcess, device, readme_section
 
 QEMU_NAMESPACE = "http://libvirt.org/schemas/domain/qemu/1.0"
 PROFILE = "h100-sxm5"
@@ -44,8 +44,7 @@ STAY_UP = "; sleep 3600"  # the guest waits for virsh destroy, as a running VM w
 
 def readme_domain() -> str:
     """The ``<domain>`` XML block of README.md's "Attaching QEMU"."""
-    text = (ROOT / "README.md").read_text()
-    attaching = text.split("\n## Attaching QEMU\n", 1)[1].split("\n## ", 1)[0]
+    attaching = readme_section("Attaching QEMU")
     [domain] = [b for b in re.findall(r"```xml\n(.*?)```", attaching, re.DOTALL) if b.startswith("<domain")]
     return domain
 

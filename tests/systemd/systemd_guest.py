@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.e2e.harness import ROOT, Machine
@@ -34,6 +35,7 @@ from tests.guest.vfio_guest import (
     inspect,
     report,
 )
+from tests.support import readme_section
 from tests.test_systemd_units import exposure_of
 
 SOURCE = Path("/root/vfio-mediator")  # the copy the README's steps run in: pip builds in it
@@ -43,8 +45,7 @@ BAR = 0xE000_0000  # where the nested guest places edu's BAR0
 
 def readme_blocks() -> list[list[str]]:
     """The sh blocks of the README's systemd section, as the commands they hold."""
-    section = (ROOT / "README.md").read_text().split("## Running under systemd\n")[1].split("\n## ")[0]
-    blocks = [part.split("```")[0] for part in section.split("```sh\n")[1:]]
+    blocks = [part.split("```")[0] for part in readme_section("Running under systemd").split("```sh\n")[1:]]
     return [
         [line for line in block.splitlines() if line.strip() and not line.startswith("#")] for block in blocks
     ]
@@ -64,6 +65,10 @@ def systemctl(*args: str) -> str:
     return subprocess.run(["systemctl", *args], capture_output=True, text=True, check=False).stdout.strip()
 
 
+def is_active(unit: str) -> bool:
+    return systemctl("is-active", unit) == "active"
+
+
 def show(unit: str, *properties: str) -> dict[str, str]:
     out = systemctl("show", unit, *(f"--property={p}" for p in properties))
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
@@ -74,9 +79,9 @@ def status_of(pid: int) -> dict[str, str]:
     return {key: value.strip() for key, value in (line.split(":", 1) for line in lines)}
 
 
-def journal(unit: str, since: str = "") -> list[dict[str, str]]:
+def journal(unit: str) -> list[dict[str, str]]:
     """The unit's journal entries, as journald keeps them (``journalctl -o json``)."""
-    command = ["journalctl", "--no-pager", "-o", "json", "-u", unit, *(["--since", since] if since else [])]
+    command = ["journalctl", "--no-pager", "-o", "json", "-u", unit]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return [json.loads(line) for line in out.splitlines()]
 
@@ -91,9 +96,9 @@ def daemon_lines(entries: list[dict[str, str]]) -> list[dict[str, object]]:
     return found
 
 
-def wait_for(condition: str, check: object, timeout: float = 120) -> None:
+def wait_for(condition: str, check: Callable[[], bool], timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
+    while not check():
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out waiting for {condition}")
         time.sleep(0.5)
@@ -101,14 +106,20 @@ def wait_for(condition: str, check: object, timeout: float = 120) -> None:
 
 # Under TCG a socket-activated daemon takes tens of seconds to start and answer QEMU's first
 # message; QEMU waits x-msg-timeout (5 s by default) for each reply.
-PATIENT_QEMU = ("-global", "vfio-user-pci.x-msg-timeout=150000")
+QEMU_REPLY_WAIT_MS = 150_000
+PATIENT_QEMU = ("-global", f"vfio-user-pci.x-msg-timeout={QEMU_REPLY_WAIT_MS}")
+
+
+def patient_qemu(sock: Path) -> Machine:
+    """A nested QEMU (qtest) with the device on ``sock``, that waits for a daemon starting on demand."""
+    return Machine(sock, behind_root_port=False, extra=PATIENT_QEMU, patience=180)
 
 
 def guest_session(sock: Path) -> dict[str, object]:
     """A nested QEMU (qtest) on ``sock``: its config view of the device, an edu DMA round trip, and
     how long QEMU took to start (with the device realized: the daemon answered)."""
     started = time.monotonic()
-    with Machine(sock, behind_root_port=False, extra=PATIENT_QEMU, patience=180) as vm:
+    with patient_qemu(sock) as vm:
         realized = round(time.monotonic() - started, 1)
         ids = vm.cfg_read(0, 4)
         view = vm.config_space(0x100)
@@ -142,7 +153,7 @@ def config_text(edus: list[str]) -> str:
     )
     return (
         'state_directory = "/var/lib/vfio-mediator"\n'
-        f"client_timeout = {int(PATIENT_QEMU[1].rsplit('=', 1)[1]) / 1000}\n"
+        f"client_timeout = {QEMU_REPLY_WAIT_MS / 1000}\n"
         '[access]\nallow_users = ["libvirt-qemu", "root"]\n'
         # edu has no reset method; a wipe that fails on demand quarantines a device.
         f'[handoff]\nreset = "none"\nwipe = ["/bin/sh", "-c", "test ! -e {wipe_fails("{device}")}"]\n'
@@ -151,7 +162,7 @@ def config_text(edus: list[str]) -> str:
 
 
 def subsystem_vendor(sock: Path) -> int:
-    with Machine(sock, behind_root_port=False, extra=PATIENT_QEMU, patience=180) as vm:
+    with patient_qemu(sock) as vm:
         return vm.cfg_read(0x2C, 2)
 
 
@@ -170,7 +181,7 @@ def config_service(edus: list[str], enable: list[str]) -> None:  # noqa: PLR0915
         for line in enable:
             if "vfio-mediator.service" in line:
                 sh(line)
-        wait_for("READY", lambda: show(service, "ActiveState")["ActiveState"] == "active", timeout=300)
+        wait_for("READY", lambda: is_active(service), timeout=300)
         status = show(service, "StatusText", "Type", "NotifyAccess")
         text = systemctl("status", "--no-pager", service)
         seen = subsystem_vendor(sockets[1])
@@ -184,7 +195,7 @@ def config_service(edus: list[str], enable: list[str]) -> None:  # noqa: PLR0915
         pid = show(service, "MainPID")["MainPID"]
         SITE_QUIRKS.write_text(site_quirks(0x2222))
         systemctl("reload", service)
-        wait_for("the reload", lambda: show(service, "ActiveState")["ActiveState"] == "active")
+        wait_for("the reload", lambda: is_active(service))
         seen = subsystem_vendor(sockets[1])
         after = show(service, "MainPID", "NRestarts")
         assert seen == 0x2222 and after["MainPID"] == pid, (hex(seen), pid, after)
@@ -196,7 +207,7 @@ def config_service(edus: list[str], enable: list[str]) -> None:  # noqa: PLR0915
         subsystem_vendor(sockets[0])  # the session's end hands gpu0 off: the wipe fails
         wait_for("quarantine", lambda: "1 refused" in show(service, "StatusText")["StatusText"])
         systemctl("restart", service)
-        wait_for("the restart", lambda: show(service, "ActiveState")["ActiveState"] == "active", timeout=300)
+        wait_for("the restart", lambda: is_active(service), timeout=300)
         after_restart = show(service, "StatusText")["StatusText"]
         wipe_fails("gpu0").unlink()
         released = sh("vfio-mediator release --device gpu0 --config /etc/vfio-mediator/config.toml")
@@ -216,10 +227,7 @@ def config_service(edus: list[str], enable: list[str]) -> None:  # noqa: PLR0915
             os.kill(int(before["MainPID"]), signal.SIGSTOP)
             wait_for(
                 "the restart",
-                lambda: (
-                    show(service, "NRestarts")["NRestarts"] != before["NRestarts"]
-                    and show(service, "ActiveState")["ActiveState"] == "active"
-                ),
+                lambda: show(service, "NRestarts")["NRestarts"] != before["NRestarts"] and is_active(service),
                 timeout=300,
             )
             restarted = round(time.monotonic() - stopped, 1)
@@ -240,6 +248,7 @@ def main() -> None:  # noqa: PLR0915  one nested function per check, in the orde
     edus = find_all("edu")
     edu = edus[0]
     unit = UNIT.format(bdf=edu)
+    sock = Path(f"/run/vfio-mediator/{edu}.sock")
     install, enable = readme_blocks()
 
     @checked("systemd")
@@ -283,9 +292,8 @@ def main() -> None:  # noqa: PLR0915  one nested function per check, in the orde
         systemctl("daemon-reload")
         for line in one_device:
             sh(line)
-        sock = Path(f"/run/vfio-mediator/{edu}.sock")
         before = systemctl("is-active", f"{unit}.service")
-        assert before == "inactive" and systemctl("is-active", f"{unit}.socket") == "active", before
+        assert before == "inactive" and is_active(f"{unit}.socket"), before
         socket_file = {"owner": sock.owner(), "group": sock.group(), "mode": oct(sock.stat().st_mode & 0o777)}
         assert socket_file == {"owner": "vfio-mediator", "group": "kvm", "mode": "0o660"}, socket_file
         seen = guest_session(sock)
@@ -331,7 +339,7 @@ def main() -> None:  # noqa: PLR0915  one nested function per check, in the orde
         systemctl("daemon-reload")
         systemctl("stop", f"{unit}.service")
         try:
-            guest_session(Path(f"/run/vfio-mediator/{edu}.sock"))
+            guest_session(sock)
         except RuntimeError as e:  # QEMU maps the guest's RAM while it realizes the device
             qemu = str(e)
         else:
@@ -351,7 +359,7 @@ def main() -> None:  # noqa: PLR0915  one nested function per check, in the orde
     @checked("journal")
     def _() -> dict[str, object]:
         try:
-            seen = guest_session(Path(f"/run/vfio-mediator/{edu}.sock"))
+            seen = guest_session(sock)
         finally:
             systemctl("stop", f"{unit}.service")
         lines = daemon_lines(journal(unit))
@@ -365,10 +373,8 @@ def main() -> None:  # noqa: PLR0915  one nested function per check, in the orde
 
     @checked("hardening")
     def _() -> dict[str, object]:
-        with Machine(
-            Path(f"/run/vfio-mediator/{edu}.sock"), behind_root_port=False, extra=PATIENT_QEMU, patience=180
-        ):
-            wait_for("the service", lambda: systemctl("is-active", f"{unit}.service") == "active")
+        with patient_qemu(sock):
+            wait_for("the service", lambda: is_active(f"{unit}.service"))
             out = subprocess.run(
                 ["systemd-analyze", "security", "--no-pager", f"{unit}.service"],
                 capture_output=True,

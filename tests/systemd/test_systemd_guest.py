@@ -25,6 +25,7 @@ from tests.e2e.harness import ROOT
 from tests.guest.test_real_vfio import (
     EDUS,
     LOAD_MODULES,
+    MOUNT_HOST_ROOT,
     assert_passed,
     boot,
     cached_testbed,
@@ -93,7 +94,7 @@ def init_script(wheelhouse: Path) -> str:
     return (
         f"{LOAD_MODULES}\n"
         "mkdir -p /lower /rw /newroot\n"
-        "mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 hostroot /lower\n"
+        f"{MOUNT_HOST_ROOT} /lower\n"
         "mount -t tmpfs -o mode=0755 rw /rw && mkdir -p /rw/upper /rw/work\n"
         "mount -t overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work overlay /newroot\n"
         "mount -t tmpfs -o mode=1777 tmp /newroot/tmp\n"
