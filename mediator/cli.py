@@ -174,13 +174,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = _command_line_settings(args)
     log.configure(args.log_level or settings.log.level, args.log_format or settings.log.format)
     forbid_core_dumps()
+    # A service (a config, or systemd's socket) waits for a device the host holds back; a
+    # command line says at once why its device cannot be served.
+    service = args.config is not None or "LISTEN_FDS" in os.environ
     try:
-        daemon = Daemon.open(settings, args.config)
+        daemon = Daemon.open(settings, args.config, reopen=service)
     except StateError as e:
         _print_errors([str(e)])
         return EXIT_INPUT
     try:
-        if not daemon.managed:
+        if not daemon.managed and not daemon.reopening:
             _print_errors(
                 [why if why.startswith(name) else f"{name}: {why}" for name, why in daemon.failed.items()]
             )

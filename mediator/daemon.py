@@ -5,7 +5,9 @@ profile), plans it with its quirk tables and tenancy, recovers what a
 previous daemon left behind (a session it did not end, fabric partitions it
 left active), and hands each device off once (reset, isolation, checks)
 unless it is in quarantine. A device that cannot be opened is reported and
-left out; the others are served. Sockets come from systemd (socket
+the others are served; its socket closes each client at once, and one the
+host holds back (busy, unbound, missing) is tried again every
+REOPEN_INTERVAL until it opens. Sockets come from systemd (socket
 activation, matched by name) or are made here with the config's owner and
 mode; READY, STATUS, RELOADING, STOPPING and the watchdog go to systemd.
 
@@ -62,6 +64,10 @@ from mediator.vms import VmId, Vms, vm_of
 log = structlog.get_logger("mediator.daemon")
 
 OPEN_ERRORS = (InputErrors, PlanError, ChainError, DeviceNotReady, BackendError)
+# Failures of the host's state, which changes without the daemon (a VMM's fds closing, a driver
+# bound, a udev rule applied): a serving daemon tries again. The config's errors wait for a restart.
+HOST_STATE_ERRORS = (DeviceNotReady, BackendError)
+REOPEN_INTERVAL = 10.0  # seconds between attempts
 # (device server, or None for the metrics socket; listening socket; path we made and must remove)
 Listener = tuple[DeviceServer | UnservedDevice | None, socket.socket, Path | None]
 
@@ -151,16 +157,23 @@ class ManagedDevice:
         self._daemon.notifier.status(self._daemon.status())  # systemctl status shows it at once
 
     def start(self, left_session: dict[str, object] | None) -> None:
-        """Before the socket exists: a quarantined device stays blocked, any other is handed off."""
+        """Before it is served: a quarantined device stays blocked, any other is handed off."""
         if self._quarantine_reason() is not None:
             return
         previous = self._daemon.state.owners().get(self.spec.name, self.spec.tenant)
         owner = Owner(self.spec.name, self.spec.bdf, previous)
-        if left_session is not None:
-            self._hand_off(HandOffReason.RECOVERY, owner, detail=str(left_session))
-            self._daemon.state.session_ended(self.spec.name)
-        else:
-            self._hand_off(HandOffReason.DAEMON_START, owner)
+        # Opened late, beside a group-mate in its client's VM: the mate's hand-off resets the group.
+        in_vm = [mate.spec.name for mate in self._group_mates() if mate.in_vm]
+        self._reset_waits = bool(in_vm)
+        not_now = f"{', '.join(in_vm)}, of its IOMMU group, has a client: the group is reset later"
+        with self._daemon.group_turn(self.device.backend.iommu_group):
+            if left_session is not None:
+                reason, detail = HandOffReason.RECOVERY, str(left_session)
+            else:
+                reason, detail = HandOffReason.DAEMON_START, ""
+            self._hand_off(reason, owner, detail, not_now=not_now if in_vm else None)
+            if left_session is not None:
+                self._daemon.state.session_ended(self.spec.name)
 
     def _quarantine_reason(self) -> str | None:
         record = self._daemon.state.quarantined(self.spec.name)
@@ -356,6 +369,7 @@ class Daemon:
     config: Path | None = None  # the file SIGHUP reloads; None: the command line's one device
     managed: list[ManagedDevice] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # device -> why it cannot be served
+    reopening: set[str] = field(default_factory=set)  # failed devices tried again while serving
     notifier: Notifier = field(default_factory=Notifier)
     metrics: Metrics = field(default_factory=Metrics)
     vms: Vms = field(default_factory=Vms)  # which devices each client VM holds
@@ -370,8 +384,10 @@ class Daemon:
             return self._group_turns.setdefault(group, threading.Lock())
 
     @classmethod
-    def open(cls, settings: Settings, config: Path | None = None) -> Daemon:
+    def open(cls, settings: Settings, config: Path | None = None, *, reopen: bool = False) -> Daemon:
         """Open, plan, recover and hand off every device; a device that fails is reported, not fatal.
+
+        ``reopen``: a device that fails for the host's state is tried again while the daemon serves.
 
         Raises:
             StateError: the state directory cannot be used.
@@ -398,7 +414,11 @@ class Daemon:
                     device, _ = open_device(settings, spec)
                 except OPEN_ERRORS as e:
                     daemon.failed[spec.name] = str(e)
-                    log.error("device not served", why=str(e))
+                    if reopen and isinstance(e, HOST_STATE_ERRORS):
+                        daemon.reopening.add(spec.name)
+                        log.error("device not served yet", why=str(e), retry_every_s=REOPEN_INTERVAL)
+                    else:
+                        log.error("device not served", why=str(e))
                     continue
                 daemon.managed.append(ManagedDevice(spec, device, daemon))
         for managed in daemon.managed:  # all open first: a bus reset may cover an IOMMU group's functions
@@ -424,33 +444,69 @@ class Daemon:
             SocketError: a socket cannot be made, or given its owner and mode.
         """
         inherited = listen_fds()
-        single = len(self.managed) == 1 and len(inherited) == 1 and self.config is None
+        single = len(self.settings.devices) == 1 and len(inherited) == 1 and self.config is None
+        managed = {m.spec.name: m for m in self.managed}
         made: list[Listener] = []
         try:
-            for managed in self.managed:
-                server = DeviceServer(
-                    managed.spec.name, managed, managed.metrics, fast_path=self.settings.fast_path
-                )
-                given = next(iter(inherited.values())) if single else inherited.pop(managed.spec.name, None)
+            for spec in self.settings.devices:
+                server: DeviceServer | UnservedDevice
+                if spec.name in managed:
+                    server = self._server_of(managed[spec.name])
+                elif spec.name in self.failed:
+                    reopen = self._opened_later if spec.name in self.reopening else None
+                    server = UnservedDevice(spec.name, self.failed[spec.name], reopen)
+                else:
+                    continue
+                given = next(iter(inherited.values())) if single else inherited.pop(spec.name, None)
                 if given:
                     made.append((server, given[0], None))
                     continue
-                if not managed.spec.socket:
-                    raise SocketError(f"{managed.spec.name}: no --socket and no socket passed by systemd")
-                path = Path(managed.spec.socket)
+                if not spec.socket:
+                    if isinstance(server, UnservedDevice):
+                        continue  # no socket to close its clients on
+                    raise SocketError(f"{spec.name}: no --socket and no socket passed by systemd")
+                path = Path(spec.socket)
                 listener = bind_unix(path)
                 made.append((server, listener, path))
-                access = self.settings.access_for(managed.spec.name)
+                access = self.settings.access_for(spec.name)
                 give_access(path, access.mode, access.uid, access.gid)
         except BaseException:
             _close(made)
             raise
-        for name, passed in inherited.items():
-            if name in self.failed:
-                made += [(UnservedDevice(name, self.failed[name]), listener, None) for listener in passed]
-            else:
+        if not single:
+            for name in inherited:
                 log.warning("systemd passed a socket for no device of the config", name=name)
         return made
+
+    def _server_of(self, managed: ManagedDevice) -> DeviceServer:
+        return DeviceServer(managed.spec.name, managed, managed.metrics, fast_path=self.settings.fast_path)
+
+    async def _opened_later(self, unserved: UnservedDevice) -> DeviceServer:
+        """Try again every REOPEN_INTERVAL to open a device the host held back; its server once open."""
+        name = unserved.name
+        spec = self.settings.device(name)
+        attempt = 1
+        with structlog.contextvars.bound_contextvars(device=name):
+            while True:
+                await trio.sleep(REOPEN_INTERVAL)
+                attempt += 1
+                with contextlib.suppress(KeyError):  # a reload that drops it changes nothing before a restart
+                    spec = self.settings.device(name)
+                try:
+                    device, _ = await trio.to_thread.run_sync(open_device, self.settings, spec)
+                except OPEN_ERRORS as e:
+                    if str(e) != unserved.why:  # the same failure again says nothing new
+                        log.error("device not served yet", why=str(e), attempt=attempt)
+                    unserved.why = self.failed[name] = str(e)
+                    continue
+                managed = ManagedDevice(spec, device, self)
+                self.managed.append(managed)
+                del self.failed[name]
+                self.reopening.discard(name)
+                await trio.to_thread.run_sync(managed.start, self.state.left_sessions().get(name))
+                log.info("device opened: served from now on", attempt=attempt)
+                self.notifier.status(self.status())
+                return self._server_of(managed)
 
     def _say_request_path(self) -> None:
         if not self.settings.fast_path:

@@ -21,6 +21,7 @@ import itertools
 import select
 import socket
 import struct
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol, get_args
 
@@ -243,17 +244,32 @@ class DeviceServer:
 
 
 class UnservedDevice:
-    """A device of the config that could not be opened, on the socket systemd made for it.
+    """A device of the config that could not be opened, on its socket (systemd's or the config's).
 
     Not accepting would leave each client waiting for a reply (QEMU: its x-msg-timeout, then it
     fails), since systemd starts nothing for a socket whose service runs. Each is closed at once.
+    With ``opened`` (the daemon trying again to open it: it returns the device's server once it
+    is), the socket is that server's from then on.
     """
 
-    def __init__(self, name: str, why: str) -> None:
-        self.why = why
+    def __init__(
+        self, name: str, why: str, opened: Callable[[UnservedDevice], Awaitable[DeviceServer]] | None = None
+    ) -> None:
+        self.name = name
+        self.why = why  # kept current by ``opened`` as its attempts fail
+        self._opened = opened
         self._door = Door(name)
 
     async def serve(self, listener: socket.socket) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._refuse_clients, listener)
+            if self._opened is None:
+                return
+            server = await self._opened(self)
+            nursery.cancel_scope.cancel()
+        await server.serve(listener)
+
+    async def _refuse_clients(self, listener: socket.socket) -> None:
         while True:
             client = await accept(listener, backoff=ACCEPT_BACKOFF, failed=self._door.accept_failed)
             self._door.refuse(

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -161,6 +162,53 @@ def test_a_device_that_cannot_be_opened_closes_the_clients_of_its_socket_unit(tm
         with connect(tmp_path / "gpu0.sock") as served:
             assert version(served) == 0
     assert "Traceback" not in daemon.log
+
+
+def test_a_device_the_host_holds_back_waits_on_its_socket(tmp_path: Path) -> None:
+    """A function not there yet (or busy, or unbound) is the host's state, which changes: the
+    daemon serves the rest, makes the device's socket, closes its clients at once and tries again.
+    The systemd guest proves it serves the device once it can be opened."""
+    config = tmp_path / "config.toml"
+    absent = "0000:7f:1f.7"
+    config.write_text(CONFIG.format(clique=3).replace('profile = "gp108m-mx150"', f'bdf = "{absent}"'))
+    manager = Manager(tmp_path)
+    daemon = DaemonProcess("--config", str(config), "--log-format", "json", env=manager.env())
+    with daemon:
+        assert manager.wait_for("READY")["STATUS"] == "serving 1 device; 1 not opened: gpu1"
+        waiting = daemon.wait_for_event("device not served yet", device="gpu1")
+        assert f"no PCI device {absent}" in waiting["why"] and waiting["retry_every_s"] > 0
+        with connect(tmp_path / "gpu1.sock") as client:
+            try:
+                closed = client.recv(16) == b""
+            except ConnectionResetError:
+                closed = True
+            assert closed
+        refused = daemon.wait_for_event("refused a client: the device could not be opened", device="gpu1")
+        assert refused["audit"] and absent in refused["why"]
+        with connect(tmp_path / "gpu0.sock") as served:
+            assert version(served) == 0
+    assert not (tmp_path / "gpu1.sock").exists()  # the daemon's socket: removed on the way out
+    assert "Traceback" not in daemon.log
+
+
+def test_a_command_line_device_that_cannot_be_opened_is_an_error_at_once(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mediator",
+            "serve",
+            "--device",
+            "0000:7f:1f.7",
+            "--socket",
+            str(tmp_path / "dev.sock"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1 and "no PCI device 0000:7f:1f.7" in result.stderr, result.stderr
 
 
 def test_a_bad_config_on_reload_changes_nothing(tmp_path: Path) -> None:

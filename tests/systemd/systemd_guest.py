@@ -146,19 +146,64 @@ def site_quirks(subsystem: int) -> str:
 
 
 def config_text(edus: list[str]) -> str:
+    """Two devices: gpu0 lets in the kvm group as the README's config does, gpu1 only named users."""
     devices = "".join(
         f'[[device]]\nname = "gpu{n}"\nbdf = "{bdf}"\nsocket = "/run/vfio-mediator/gpu{n}.sock"\n'
         f'quirks = ["{SITE_QUIRKS}"]\n'
+        + ('[device.access]\nallow_users = ["libvirt-qemu", "root"]\nallow_groups = []\n' if n else "")
         for n, bdf in enumerate(edus)
     )
     return (
         'state_directory = "/var/lib/vfio-mediator"\n'
         f"client_timeout = {QEMU_REPLY_WAIT_MS / 1000}\n"
-        '[access]\nallow_users = ["libvirt-qemu", "root"]\n'
+        '[access]\nallow_users = ["root"]\nallow_groups = ["kvm"]\n'
         # edu has no reset method; a wipe that fails on demand quarantines a device.
         f'[handoff]\nreset = "none"\nwipe = ["/bin/sh", "-c", "test ! -e {wipe_fails("{device}")}"]\n'
         + devices
     )
+
+
+# A VMM's first message, sent as another user by the system's Python (stdlib only): what came back.
+PROBE = """
+import json, socket, struct, sys
+client = socket.socket(socket.AF_UNIX)
+try:
+    client.connect(sys.argv[1])
+except OSError as e:
+    sys.exit(print(json.dumps({"connect": e.strerror})))
+payload = struct.pack("=HH", 0, 0) + b"{}\\0"
+client.settimeout(150)
+try:
+    client.sendall(struct.pack("=HHIII", 1, 1, 16 + len(payload), 0, 0) + payload)
+    reply = client.recv(4096)
+except OSError:  # a refused client is closed at once, maybe before it has sent
+    reply = b""
+msg_id, command, size, flags, error = struct.unpack("=HHIII", reply[:16]) if len(reply) >= 16 else (0,) * 5
+print(json.dumps({"reply": "closed" if not reply else f"command {command} error {error}"}))
+"""
+
+
+def probe_as(user: str, sock: Path) -> dict[str, str]:
+    """A client's first exchange on ``sock`` when it runs as ``user`` with that user's groups."""
+    account = pwd.getpwnam(user)
+    result = subprocess.run(
+        [
+            *["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--init-groups"],
+            *["/usr/bin/python3", "-c", PROBE, str(sock)],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=200,
+        check=True,
+    )
+    return json.loads(result.stdout)
+
+
+def socket_file(sock: Path) -> dict[str, str]:
+    return {"owner": sock.owner(), "group": sock.group(), "mode": oct(sock.stat().st_mode & 0o777)}
+
+
+UNIT_SOCKET = {"owner": "vfio-mediator", "group": "kvm", "mode": "0o660"}  # the shipped units' socket
 
 
 def subsystem_vendor(sock: Path) -> int:
@@ -216,6 +261,32 @@ def config_service(edus: list[str], enable: list[str]) -> None:  # noqa: PLR0915
         assert "released from quarantine" in released and seen == 0x2222, (released, hex(seen))
         return {"after_restart": after_restart, "released": released.strip()}
 
+    @checked("access")
+    def _() -> dict[str, object]:
+        # Debian's QEMU user (libvirt-qemu, in kvm); a kvm member gpu1's list does not name; a user
+        # outside the socket's group.
+        subprocess.run(["useradd", "--system", "--no-create-home", "tb-outsider"], check=True)
+        subprocess.run(["useradd", "--system", "--no-create-home", "-G", "kvm", "tb-kvm-member"], check=True)
+        files = {sock.name: socket_file(sock) for sock in sockets}
+        seen = {
+            "outsider": probe_as("tb-outsider", sockets[0]),
+            "kvm-member-gpu0": probe_as("tb-kvm-member", sockets[0]),
+            "kvm-member-gpu1": probe_as("tb-kvm-member", sockets[1]),
+            "libvirt-qemu-gpu1": probe_as("libvirt-qemu", sockets[1]),
+        }
+        member = pwd.getpwnam("tb-kvm-member").pw_uid
+        refusals = [
+            line
+            for line in daemon_lines(journal(service))
+            if "refused a client" in str(line.get("event")) and f'"uid": {member}' in json.dumps(line)
+        ]
+        assert all(f == UNIT_SOCKET for f in files.values()), files
+        assert seen["outsider"] == {"connect": "Permission denied"}, seen
+        assert seen["kvm-member-gpu0"] == seen["libvirt-qemu-gpu1"] == {"reply": "command 1 error 0"}, seen
+        assert seen["kvm-member-gpu1"] == {"reply": "closed"}, seen
+        assert refusals and refusals[-1].get("audit") and refusals[-1].get("device") == "gpu1", refusals
+        return {"sockets": files, "clients": seen, "refusal": refusals[-1]}
+
     @checked("watchdog")
     def _() -> dict[str, object]:
         before = show(service, "MainPID", "NRestarts", "WatchdogUSec")
@@ -239,8 +310,56 @@ def config_service(edus: list[str], enable: list[str]) -> None:  # noqa: PLR0915
             if line.get("event") == "hand-off" and "recovery" in json.dumps(line)
         ]
         served = subsystem_vendor(sockets[1])  # the device the stopped daemon left is served again
+        files = {sock.name: socket_file(sock) for sock in sockets}
+        units = {n: show(f"vfio-mediator-device@gpu{n}.socket", "ActiveState", "SubState") for n in range(2)}
         assert fired and recovery and served == 0x2222, (fired, recovery, hex(served))
-        return {"watchdog": fired[-1], "restarted_after_s": restarted, "recovery": recovery[-1]["record"]}
+        assert all(f == UNIT_SOCKET for f in files.values()), (files, units)  # still the socket units'
+        return {
+            "watchdog": fired[-1],
+            "restarted_after_s": restarted,
+            "recovery": recovery[-1]["record"],
+            "sockets": files,
+        }
+
+    @checked("busy-after-restart")
+    def _() -> dict[str, object]:
+        # A QEMU that mapped gpu1's BAR holds its VFIO group after the daemon dies: the restarted
+        # daemon finds it busy, closes gpu1's clients at once, and serves it once that QEMU is gone.
+        before = show(service, "NRestarts")["NRestarts"]
+        with patient_qemu(sockets[1]) as vm:
+            assert vm.cfg_read(0, 4) == EDU_IDS
+            systemctl("kill", "--signal=SIGKILL", service)
+            wait_for(
+                "the restart",
+                lambda: show(service, "NRestarts")["NRestarts"] != before and is_active(service),
+                timeout=300,
+            )
+            waiting = show(service, "StatusText")["StatusText"]
+            turned_away = probe_as("root", sockets[1])
+            busy = [
+                line
+                for line in daemon_lines(journal(service))
+                if line.get("event") == "device not served yet" and line.get("device") == "gpu1"
+            ]
+            gone = time.monotonic()
+        wait_for("gpu1 opened", lambda: show(service, "StatusText")["StatusText"] == "serving 2 devices")
+        opened_after = round(time.monotonic() - gone, 1)
+        served = subsystem_vendor(sockets[1])
+        opened = [
+            line
+            for line in daemon_lines(journal(service))
+            if line.get("event") == "device opened: served from now on"
+        ]
+        assert waiting == "serving 1 device; 1 not opened: gpu1", waiting
+        assert busy and "EBUSY" in str(busy[-1]["why"]), busy
+        assert turned_away == {"reply": "closed"}, turned_away
+        assert opened and opened[-1].get("device") == "gpu1" and served == 0x2222, (opened, hex(served))
+        return {
+            "status_while_busy": waiting,
+            "why": busy[-1]["why"],
+            "opened_after_qemu_exit_s": opened_after,
+            "opened": opened[-1],
+        }
 
 
 def main() -> None:  # noqa: PLR0915  one nested function per check, in the order they run
@@ -294,8 +413,8 @@ def main() -> None:  # noqa: PLR0915  one nested function per check, in the orde
             sh(line)
         before = systemctl("is-active", f"{unit}.service")
         assert before == "inactive" and is_active(f"{unit}.socket"), before
-        socket_file = {"owner": sock.owner(), "group": sock.group(), "mode": oct(sock.stat().st_mode & 0o777)}
-        assert socket_file == {"owner": "vfio-mediator", "group": "kvm", "mode": "0o660"}, socket_file
+        made = socket_file(sock)
+        assert made == UNIT_SOCKET, made
         seen = guest_session(sock)
         service = show(f"{unit}.service", "ActiveState", "MainPID", "NRestarts")
         pid = int(service["MainPID"])
@@ -325,7 +444,7 @@ def main() -> None:  # noqa: PLR0915  one nested function per check, in the orde
             )
         return {
             "before": before,
-            "socket": socket_file,
+            "socket": made,
             "sandbox": sandbox,
             "dma": seen["dma"],
             "qemu_started_s": seen["realized"],

@@ -44,7 +44,9 @@ CHECKS = [
     "config-service",
     "reload",
     "quarantine-restart-release",
+    "access",
     "watchdog",
+    "busy-after-restart",
 ]
 
 
