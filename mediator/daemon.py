@@ -85,7 +85,7 @@ def open_backend(spec: DeviceSpec) -> Backend:
     if spec.bdf is not None:
         return VfioBackend(spec.bdf, bar_access=spec.bar_access)
     assert spec.profile is not None
-    return SimBackend(load_profile(resolve_profile(spec.profile)))
+    return SimBackend(load_profile(resolve_profile(spec.profile)), bar_access=spec.bar_access)
 
 
 def quirk_table(spec: DeviceSpec) -> QuirkTable:

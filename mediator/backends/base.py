@@ -15,9 +15,12 @@ from __future__ import annotations
 import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, get_args
+from typing import TYPE_CHECKING, Literal, Protocol, get_args
 
 from mediator.backends.space import IommuSpace
+
+if TYPE_CHECKING:  # the state machine's errors are backend errors: it imports this module
+    from mediator.backends.migration import MigState
 
 # mmap: a client maps BAR pages outside trap windows through the VFIO device fd; trap: no fd leaves.
 BarAccess = Literal["mmap", "trap"]
@@ -137,6 +140,24 @@ class Backend(Protocol):
         ...
 
     def bus_reset(self) -> None: ...
+
+    migration_state: MigState  # RUNNING for a device that does not migrate
+
+    def migration_flags(self) -> int:
+        """VFIO_MIGRATION_* the device supports (``mediator.backends.migration``); 0: none."""
+        ...
+
+    def set_migration_state(self, target: MigState) -> None:
+        """Walk the kernel's arcs to ``target``; MigrationError with the kernel's errno if it cannot."""
+        ...
+
+    def read_migration_data(self, size: int) -> bytes:
+        """Up to ``size`` bytes of the device's saved state (STOP_COPY, PRE_COPY); b"": none now."""
+        ...
+
+    def write_migration_data(self, data: bytes) -> None:
+        """More of the state to resume from (RESUMING)."""
+        ...
 
     def let_go(self) -> None:
         """Close the device's VFIO fds, so that a tool may bind it to another driver and back.

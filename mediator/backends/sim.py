@@ -26,19 +26,29 @@ simulator never offers them for mmap, so every access reaches it):
 Interrupts follow VFIO_DEVICE_SET_IRQS as vfio-pci implements them: eventfd
 triggers per vector, INTx automasked until unmasked, mask and unmask with a
 pending bit, loopback triggers, and an INTx resample eventfd that unmasks.
+
+Migration follows the kernel's v2 uAPI with STOP_COPY and P2P (the state
+machine of ``mediator.backends.migration``): STOP_COPY snapshots the device's
+state (its config image and the written extents of its BARs, found with
+SEEK_DATA so a sparse BAR costs only what was written), RESUMING collects
+one and the arc to STOP applies it; a stream that does not parse is EINVAL
+and leaves the device in ERROR, which only a reset leaves.
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
+import struct
 import time
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
-from mediator.backends.base import BackendError, DirectAccess, IrqInfo, RegionInfo
+from mediator.backends.base import BackendError, BarAccess, DirectAccess, IrqInfo, RegionInfo
 from mediator.backends.dma import DmaError, DmaMapping
+from mediator.backends.migration import MigrationError, MigState, path
 from mediator.backends.profile import Behaviour, Faults, Profile, load_profile
 from mediator.backends.space import IommuSpace
 from mediator.errors import InputErrors
@@ -62,10 +72,15 @@ from mediator.vfio_abi import (
     IRQ_SET_ACTION_UNMASK,
     IRQ_SET_DATA_EVENTFD,
     IRQ_SET_DATA_NONE,
+    MIGRATION_P2P,
+    MIGRATION_STOP_COPY,
     ROM_REGION,
 )
 
 CONFIG_WRITE_LOG = 1024
+MIGRATION_FLAGS = MIGRATION_STOP_COPY | MIGRATION_P2P
+MIGRATION_MAX = 64 << 20  # bytes of state a resume may bring: a client cannot fill our memory
+_EXTENT = struct.Struct("<BQQ")  # region index, offset, length; then the bytes
 PAGE = mmap.PAGESIZE
 DMA_START = 0x1
 DMA_TO_GUEST = 0x2
@@ -112,8 +127,9 @@ class _SimulatedIommu:
 
 
 class SimBackend:
-    def __init__(self, profile: Profile) -> None:
+    def __init__(self, profile: Profile, bar_access: BarAccess = "mmap") -> None:
         self.profile = profile
+        self.bar_access = bar_access
         self.description = f"simulated {profile.name} {Identity.of(profile.image)}"
         self.config = bytearray(profile.image)
         self.config_size = len(profile.image)
@@ -136,6 +152,10 @@ class SimBackend:
         self.space = self.home
         self.peer_dma: str | None = None
         self.iommu_group: int | None = None
+        self.migration_state = MigState.RUNNING
+        self._saved = b""  # STOP_COPY's snapshot, as the client reads it
+        self._saved_read = 0
+        self._resumed = bytearray()  # RESUMING's incoming state
 
     # config space
     def _check_config(self, offset: int, length: int) -> None:
@@ -168,6 +188,8 @@ class SimBackend:
     def region_info(self, index: int) -> RegionInfo:
         size = self._size(index)
         if not size or index == ROM_REGION or BarType.of(self.profile.image, index).io:
+            return RegionInfo(size)
+        if self.bar_access == "trap":
             return RegionInfo(size)
         end = size - size % PAGE
         holes = sorted(
@@ -401,7 +423,73 @@ class SimBackend:
         for lines in self._irqs.values():
             for line in lines:
                 line.masked = line.pending = False
+        self.migration_state = MigState.RUNNING  # VFIO: a reset returns the device to RUNNING
+        self._saved, self._resumed = b"", bytearray()
         self.resets += 1
+
+    # migration
+    def migration_flags(self) -> int:
+        return MIGRATION_FLAGS
+
+    def set_migration_state(self, target: MigState) -> None:
+        for step in path(self.migration_state, target, MIGRATION_FLAGS):
+            if step == MigState.STOP_COPY:
+                self._saved, self._saved_read = self._snapshot(), 0
+            elif step == MigState.RESUMING:
+                self._resumed = bytearray()
+            elif self.migration_state == MigState.RESUMING:
+                try:
+                    self._restore(bytes(self._resumed))
+                except MigrationError:
+                    self.migration_state = MigState.ERROR
+                    raise
+                finally:
+                    self._resumed = bytearray()
+            elif self.migration_state == MigState.STOP_COPY:
+                self._saved = b""
+            self.migration_state = step
+
+    def read_migration_data(self, size: int) -> bytes:
+        if self.migration_state != MigState.STOP_COPY:
+            raise MigrationError(errno.EINVAL, f"no migration data to read in {self.migration_state.name}")
+        chunk = self._saved[self._saved_read : self._saved_read + size]
+        self._saved_read += len(chunk)
+        return chunk
+
+    def write_migration_data(self, data: bytes) -> None:
+        if self.migration_state != MigState.RESUMING:
+            raise MigrationError(errno.EINVAL, f"no migration data to write in {self.migration_state.name}")
+        if len(self._resumed) + len(data) > MIGRATION_MAX:
+            raise MigrationError(errno.EFBIG, f"more than {MIGRATION_MAX} bytes of state for this device")
+        self._resumed += data
+
+    def _snapshot(self) -> bytes:
+        out = bytearray(struct.pack("<I", self.config_size) + self.config)
+        for index, (fd, memory) in sorted(self._memory.items()):
+            if index == ROM_REGION:
+                continue
+            for start, stop in _written_extents(fd, self._size(index)):
+                out += _EXTENT.pack(index, start, stop - start) + memory[start:stop]
+        return bytes(out)
+
+    def _restore(self, state: bytes) -> None:
+        (size,) = struct.unpack_from("<I", state) if len(state) >= 4 else (-1,)
+        if size != self.config_size or len(state) < 4 + size:
+            raise MigrationError(errno.EINVAL, "the device state does not fit this device's config space")
+        config, at = state[4 : 4 + size], 4 + size
+        extents = []
+        while at < len(state):
+            if len(state) - at < _EXTENT.size:
+                raise MigrationError(errno.EINVAL, "the device state ends inside an extent")
+            index, offset, length = _EXTENT.unpack_from(state, at)
+            at += _EXTENT.size
+            if index == ROM_REGION or offset + length > self._size(index) or at + length > len(state):
+                raise MigrationError(errno.EINVAL, f"the device state has bytes outside region {index}")
+            extents.append((index, offset, state[at : at + length]))
+            at += length
+        self.config[:] = config
+        for index, offset, data in extents:
+            self.memory(index)[offset : offset + len(data)] = data
 
     def let_go(self) -> None:
         """Nothing to close: the simulator holds no kernel fds."""
@@ -426,3 +514,19 @@ class SimBackend:
             memory.close()
             os.close(fd)
         self._memory.clear()
+
+
+def _written_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """The (start, end) runs of a memfd that hold data: a sparse BAR's untouched pages are holes."""
+    extents, at = [], 0
+    while at < size:
+        try:
+            start = os.lseek(fd, at, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data past ``at``
+                break
+            raise
+        stop = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        extents.append((start, stop))
+        at = stop
+    return extents

@@ -36,6 +36,7 @@ from mediator._vfio_shim import ffi, lib
 from mediator.backends import advice
 from mediator.backends.base import BackendError, BarAccess, DirectAccess, IrqInfo, RegionInfo
 from mediator.backends.dma import DmaMapping
+from mediator.backends.migration import MigrationError, MigState
 from mediator.backends.pinning import memlock_refusal
 from mediator.backends.space import IommuSpace
 from mediator.backends.sysfs import PciFunction, driver_of, find_function, group_blockers, is_vfio_driver
@@ -672,6 +673,7 @@ class VfioBackend:
         self._regions = {index: self.device.region(index) for index in range(VGA_REGION)}
         self.config_size = self._regions[CONFIG_REGION].size
         self.can_reset = bool(self.device.info.flags & lib.VFIO_DEVICE_FLAGS_RESET)
+        self.migration_state = MigState.RUNNING  # the kernel's migration uAPI is not driven yet
         assert self.device.home is not None
         self.home = IommuSpace(f"{self.function.bdf}'s home", self.device.home)
         # type1 maps the daemon's mmap of a peer's BAR (a PFN mapping); iommufd needs dma-buf for it.
@@ -820,6 +822,19 @@ class VfioBackend:
 
     def bus_reset(self) -> None:
         self.device.bus_reset()
+
+    # migration: not offered for a real function yet (its kernel uAPI comes with mdev support)
+    def migration_flags(self) -> int:
+        return 0
+
+    def set_migration_state(self, target: MigState) -> None:
+        raise MigrationError(errno.ENOTSUP, f"{self.function.bdf} is not migrated by this daemon")
+
+    def read_migration_data(self, size: int) -> bytes:
+        raise MigrationError(errno.ENOTSUP, f"{self.function.bdf} is not migrated by this daemon")
+
+    def write_migration_data(self, data: bytes) -> None:
+        raise MigrationError(errno.ENOTSUP, f"{self.function.bdf} is not migrated by this daemon")
 
     def let_go(self) -> None:
         group = self.device.group

@@ -45,6 +45,26 @@ class IrqDescription(Protocol):
         ...
 
 
+class MigrationModel(Protocol):
+    """A device's VFIO migration v2: state by the kernel's arcs, and the stream a client copies."""
+
+    @property
+    def flags(self) -> int:
+        """VFIO_MIGRATION_* offered; 0: the device does not migrate."""
+        ...
+
+    @property
+    def state(self) -> int: ...
+
+    def set_state(self, value: int) -> None: ...
+
+    def read(self, size: int) -> bytes:
+        """Up to ``size`` bytes of the stream; fewer: no more now (STOP_COPY: the end)."""
+        ...
+
+    def write(self, data: bytes) -> None: ...
+
+
 class DeviceModel(Protocol):
     @property
     def refusal(self) -> str | None:
@@ -82,6 +102,9 @@ class DeviceModel(Protocol):
     def reset(self) -> None:
         """The client's DEVICE_RESET."""
         ...
+
+    @property
+    def migration(self) -> MigrationModel: ...
 
     def fast_path(self) -> FastPathTables | None:
         """The device's accesses compiled for the C fast path, for one session; None: Python serves all."""

@@ -12,8 +12,10 @@ input too: interrupt fds must be eventfds and are made non-blocking.
 What is served, in vfio-pci's terms: a PCI device with reset, nine regions
 (BAR0-5, ROM, config, VGA) of power-of-two sizes with mmappable areas handed
 out as one fd and a sparse-mmap capability in the second step of the
-``argsz`` exchange, five interrupt indexes, DMA mappings, and region reads
-and writes through the quirk table's view.
+``argsz`` exchange, five interrupt indexes, DMA mappings, region reads
+and writes through the quirk table's view, and migration v2 (DEVICE_FEATURE
+MIGRATION and MIG_DEVICE_STATE, MIG_DATA_READ and MIG_DATA_WRITE) for a
+device whose model migrates.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ from mediator.errors import Refused
 from mediator.vfio_abi import (
     DMA_READ,
     DMA_WRITE,
+    FEATURE_GET,
+    FEATURE_MASK,
+    FEATURE_MIG_DEVICE_STATE,
+    FEATURE_MIGRATION,
+    FEATURE_PROBE,
+    FEATURE_SET,
     IRQ_COUNT,
     REGION_COUNT,
 )
@@ -93,11 +101,11 @@ class DeviceService:
             Command.DEVICE_RESET: self._reset,
             Command.REGION_WRITE_MULTI: self._write_multi,
             Command.DEVICE_FEATURE: self._feature,
+            Command.MIG_DATA_READ: self._mig_data_read,
+            Command.MIG_DATA_WRITE: self._mig_data_write,
         }
         self._refused: dict[int, tuple[int, str]] = {
             Command.DEVICE_GET_REGION_IO_FDS: (errno.ENOTSUP, "region I/O fds are not offered"),
-            Command.MIG_DATA_READ: (errno.ENOTSUP, "migration is not supported"),
-            Command.MIG_DATA_WRITE: (errno.ENOTSUP, "migration is not supported"),
             Command.DMA_READ: (errno.EINVAL, "DMA_READ goes from server to client"),
             Command.DMA_WRITE: (errno.EINVAL, "DMA_WRITE goes from server to client"),
         }
@@ -293,8 +301,61 @@ class DeviceService:
         return b"", []
 
     def _feature(self, request: Request) -> Reply:
+        """DEVICE_FEATURE, checked as the kernel's ``vfio_check_feature`` checks it: MIGRATION (GET,
+        PROBE) and MIG_DEVICE_STATE (GET, SET, PROBE); none for a device that does not migrate."""
         p = _fields(wire.DeviceFeature, request.payload, "DEVICE_FEATURE")
-        raise CommandError(errno.ENOTSUP, f"device feature {p.flags & 0xFFFF} is not supported")
+        feature, operations = p.flags & FEATURE_MASK, p.flags & ~FEATURE_MASK
+        migration = self.device.migration
+        if feature not in _FEATURE_OPERATIONS or not migration.flags:
+            raise CommandError(errno.ENOTSUP, f"device feature {feature} is not supported")
+        if operations & ~(FEATURE_GET | FEATURE_SET | FEATURE_PROBE):
+            raise CommandError(errno.EINVAL, f"DEVICE_FEATURE flags {p.flags:#x}")
+        if operations & FEATURE_GET and operations & FEATURE_SET and not operations & FEATURE_PROBE:
+            raise CommandError(errno.EINVAL, "DEVICE_FEATURE GET and SET together need PROBE")
+        schema, allowed = _FEATURE_OPERATIONS[feature]
+        if operations & (FEATURE_GET | FEATURE_SET) & ~allowed:
+            raise CommandError(errno.EINVAL, f"device feature {feature} does not take flags {p.flags:#x}")
+        if operations & FEATURE_PROBE:
+            return request.payload, []
+        if not operations & (FEATURE_GET | FEATURE_SET):
+            raise CommandError(errno.EINVAL, "DEVICE_FEATURE without GET, SET or PROBE")
+        head, data = request.payload[:8], request.payload[8:]
+        if len(data) < schema.sizeof() or p.argsz < 8 + schema.sizeof():
+            raise CommandError(
+                errno.EINVAL, f"device feature {feature} needs {schema.sizeof()} bytes of data"
+            )
+        if feature == FEATURE_MIGRATION:
+            answer = wire.FeatureMigration.build({"flags": migration.flags})
+        else:
+            if operations & FEATURE_SET:
+                migration.set_state(schema.parse(data).device_state)
+            answer = wire.FeatureMigState.build({"device_state": migration.state, "data_fd": wire.NO_DATA_FD})
+        return head + answer, []
+
+    def _mig_data(self, request: Request, name: str) -> tuple[int, bytes]:
+        p = _fields(wire.MigData, request.payload, name)
+        if p.size > self.connection.limits.max_data_xfer_size:
+            raise CommandError(errno.EINVAL, f"{name} of {p.size} bytes, over max_data_xfer_size")
+        return p.size, request.payload[wire.MigData.sizeof() :]
+
+    def _mig_data_read(self, request: Request) -> Reply:
+        size, _ = self._mig_data(request, "MIG_DATA_READ")
+        data = self.device.migration.read(size)
+        return wire.MigData.build({"argsz": wire.MigData.sizeof() + len(data), "size": len(data)}) + data, []
+
+    def _mig_data_write(self, request: Request) -> Reply:
+        size, data = self._mig_data(request, "MIG_DATA_WRITE")
+        if len(data) != size:
+            raise CommandError(errno.EINVAL, f"MIG_DATA_WRITE says {size} bytes and carries {len(data)}")
+        self.device.migration.write(data)
+        return b"", []
+
+
+# The migration features: their data and the operations (besides PROBE) each takes.
+_FEATURE_OPERATIONS = {
+    FEATURE_MIGRATION: (wire.FeatureMigration, FEATURE_GET),
+    FEATURE_MIG_DEVICE_STATE: (wire.FeatureMigState, FEATURE_GET | FEATURE_SET),
+}
 
 
 def _check_eventfds(fds: list[int]) -> None:

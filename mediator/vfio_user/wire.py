@@ -66,6 +66,10 @@ RegionAccess = cs.Struct("offset" / U64, "region" / U32, "count" / U32)  # then 
 WriteMultiCount = cs.Struct("wr_cnt" / U64)
 WriteMultiEntry = cs.Struct("offset" / U64, "region" / U32, "count" / U32, "data" / cs.Bytes(8))
 DeviceFeature = cs.Struct("argsz" / U32, "flags" / U32)  # then feature data
+FeatureMigration = cs.Struct("flags" / U64)  # VFIO_DEVICE_FEATURE_MIGRATION's data
+FeatureMigState = cs.Struct("device_state" / U32, "data_fd" / U32)  # MIG_DEVICE_STATE's; no fd here
+MigData = cs.Struct("argsz" / U32, "size" / U32)  # MIG_DATA_READ/WRITE; then the data
+NO_DATA_FD = 0xFFFF_FFFF
 
 # DEVICE_GET_INFO flags
 DEVICE_FLAGS_RESET = 0x1

@@ -35,6 +35,13 @@ and interrupt eventfds, validated
 the way vfio-pci validates VFIO_DEVICE_SET_IRQS and owned here until they are
 replaced or the client goes (``detach_client``). Every refusal is a
 ``DeviceError`` carrying the errno the client should get.
+
+Migration (``migration``: the backend's state machine and the daemon's
+stream) is where the uAPI's rules for the user are kept: outside RUNNING
+and PRE_COPY no BAR access gets through (EBUSY, and the C fast path hands
+every request to Python), and outside the P2P states and above the BARs
+are no peer's target (``peer_bars``). A client that goes leaves the device
+RUNNING, reset if its migration was left halfway.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ import structlog
 
 from mediator.audit import Auditor
 from mediator.backends.base import Backend, BackendError, IrqInfo, RegionInfo
+from mediator.backends.migration import REACHABLE_BY_PEERS, RUNS
 from mediator.backends.space import IommuSpace, PeerBar
 from mediator.pci.registers import COMMAND, COMMAND_MASTER, COMMAND_MEMORY, Identity, bar_offset
 from mediator.quirks.table import QuirkTable
@@ -64,6 +72,7 @@ from mediator.virt.errors import DeviceError, RegionAccessError, device_error
 from mediator.virt.events import NO_EVENTS, DeviceEvents
 from mediator.virt.fast_tables import FastTables
 from mediator.virt.interrupts import Interrupts
+from mediator.virt.migration import Migration, fingerprint
 from mediator.virt.plan import DeviceContext, DevicePlan, TrapWindow, VirtualBar, build_plan
 from mediator.virt.reset import Resets
 
@@ -123,6 +132,9 @@ class VirtualDevice:
         self._command_lock = threading.Lock()
         self._bus_master_held = False  # the guest set it, the hardware waits for pinning
         self.released = False  # let go for a wipe tool and not taken back yet
+        rules = self.config.rules
+        policy = fingerprint(rules.virtual, rules.writable, plan.initial_shadow)
+        self.migration = Migration(backend, self.config.shadow, policy, self._migration_moved)
 
     @property
     def refusal(self) -> str | None:
@@ -133,8 +145,18 @@ class VirtualDevice:
     @refusal.setter
     def refusal(self, reason: str | None) -> None:
         self._refusal = reason
+        self._sync_fast_path()
+
+    def _sync_fast_path(self) -> None:
+        """Python answers every request while the device is refused or stopped for migration."""
         if self._fast is not None:
-            self._fast.refused = reason is not None
+            self._fast.refused = self._refusal is not None or self.migration.state not in RUNS
+
+    def _migration_moved(self) -> None:
+        """A migration state was reached: guest BAR accesses and peers' DMA follow it."""
+        self._sync_fast_path()
+        self.dma.space.refresh()
+        log.info("migration state", state=self.migration.state.name)
 
     def fast_path(self) -> FastTables | None:
         """The device's accesses compiled for the C fast path (for one session); None without it."""
@@ -147,8 +169,8 @@ class VirtualDevice:
             python_writes=_BAR_REGISTERS,
             padding_answered=lambda count: self.events.trapped_access("padding", count),
         )
-        tables.refused = self._refusal is not None
         self._fast = tables
+        self._sync_fast_path()
         return tables
 
     @property
@@ -241,7 +263,14 @@ class VirtualDevice:
         except BackendError as e:
             raise device_error(e) from None
 
+    def _check_running(self, index: int) -> None:
+        """The uAPI's rule outside RUNNING: the user must not touch the device (config excepted)."""
+        state = self.migration.state
+        if state not in RUNS:
+            raise DeviceError(errno.EBUSY, f"region {index} is not reachable in migration state {state.name}")
+
     def _read_bar(self, index: int, offset: int, length: int) -> bytes:
+        self._check_running(index)
         bar = self._bar(index, offset, length)
         out = bytearray()
         for start, stop, handler in self._pieces(bar, offset, length):
@@ -280,6 +309,7 @@ class VirtualDevice:
     def _write_bar(self, index: int, offset: int, data: bytes) -> None:
         if index == ROM_REGION:
             raise DeviceError(errno.EPERM, "the expansion ROM is read-only")
+        self._check_running(index)
         bar = self._bar(index, offset, len(data))
         for start, stop, handler in self._pieces(bar, offset, len(data)):
             piece = data[start - offset : stop - offset]
@@ -356,8 +386,11 @@ class VirtualDevice:
 
     # resets
     def reset(self) -> None:
-        """The client's DEVICE_RESET."""
+        """The client's DEVICE_RESET (which also returns a device to migration state RUNNING)."""
+        before = self.migration.state
         self.resets.within_deadline("the client's DEVICE_RESET", "client")
+        if self.migration.state != before:
+            self._migration_moved()
 
     def _guest_reset(self, how: str) -> None:
         self.resets.within_deadline(f"the guest's function-level reset ({how})", "guest")
@@ -410,9 +443,14 @@ class VirtualDevice:
         self._bus_master_held = held
 
     def peer_bars(self) -> list[PeerBar]:
-        """Where the guest put the BARs a peer may reach: memory BARs, with decoding on (``Peer``)."""
+        """Where the guest put the BARs a peer may reach: memory BARs, with decoding on (``Peer``).
+
+        None in a migration state where the device must not be reached by peers' DMA (STOP,
+        STOP_COPY, RESUMING): the kernel's uAPI says so, and QEMU leaves a VM's other devices
+        running their DMA meanwhile.
+        """
         command = int.from_bytes(self.config.read(COMMAND, 2), "little")
-        if not command & COMMAND_MEMORY:
+        if not command & COMMAND_MEMORY or self.migration.state not in REACHABLE_BY_PEERS:
             return []
         bars = []
         for bar in self.plan.bars:
@@ -439,6 +477,15 @@ class VirtualDevice:
         """
         waited = self.resets.finish_straggler()
         left = len(self.dma), self.interrupts.attached
+        try:
+            self.migration.back_to_running()
+        except BackendError as e:  # a stream left halfway, or ERROR: only a reset returns to RUNNING
+            log.warning("the client left a migration halfway: the device is reset", why=str(e))
+            try:
+                self.resets.reset_hardware("handoff")
+            except BackendError as failed:
+                raise device_error(failed) from None
+            self.resets.apply_post_reset_writes()
         self.dma.unmap_all()
         self.interrupts.detach_all()
         self.move_to(self.backend.home)

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mediator.backends.profile import Profile
+from mediator.vfio_abi import FEATURE_GET, FEATURE_MIG_DEVICE_STATE, FEATURE_MIGRATION, FEATURE_SET
 from mediator.vfio_user.connection import Connection, Limits
 from mediator.vfio_user.fast_loop import FastLoop
 from mediator.vfio_user.model import NoRequestEvents, RequestEvents
@@ -141,6 +142,44 @@ class Client:
             struct.pack("=IIIII", 20 + len(data), flags, index, start, count) + data,
             fds,
         )
+
+    # migration v2: DEVICE_FEATURE, MIG_DATA_READ and MIG_DATA_WRITE as the spec lays them out
+    def feature(self, flags: int, data: bytes = b"") -> Reply:
+        return self.request(Command.DEVICE_FEATURE, struct.pack("=II", 8 + len(data), flags) + data)
+
+    def migration_flags(self) -> Reply:
+        return self.feature(FEATURE_GET | FEATURE_MIGRATION, bytes(8))
+
+    def migration_state(self) -> int:
+        reply = self.feature(FEATURE_GET | FEATURE_MIG_DEVICE_STATE, bytes(8))
+        assert reply.ok, reply
+        return int(struct.unpack_from("=I", reply.payload, 8)[0])
+
+    def set_migration_state(self, state: int) -> Reply:
+        return self.feature(FEATURE_SET | FEATURE_MIG_DEVICE_STATE, struct.pack("=II", state, 0xFFFFFFFF))
+
+    def mig_data_read(self, size: int) -> Reply:
+        return self.request(Command.MIG_DATA_READ, struct.pack("=II", 8, size))
+
+    def mig_data_write(self, data: bytes) -> Reply:
+        return self.request(Command.MIG_DATA_WRITE, struct.pack("=II", 8 + len(data), len(data)) + data)
+
+    def save(self, chunk: int = 64 << 10) -> bytes:
+        """The whole stream of a device in STOP_COPY: read until a short read."""
+        stream = b""
+        while True:
+            reply = self.mig_data_read(chunk)
+            assert reply.ok, reply
+            data = reply.payload[8:]
+            stream += data
+            if len(data) < chunk:
+                return stream
+
+    def resume(self, stream: bytes, chunk: int = 64 << 10) -> None:
+        """Write a stream to a device in RESUMING, ``chunk`` bytes at a time."""
+        for at in range(0, len(stream), chunk):
+            reply = self.mig_data_write(stream[at : at + chunk])
+            assert reply.ok, reply
 
 
 class Session(Client):

@@ -95,8 +95,9 @@ def test_commands_before_version_and_a_second_version_are_refused() -> None:
         (Command.DEVICE_GET_REGION_INFO, struct.pack("=IIIIQQ", 32, 0, 12, 0, 0, 0), errno.EINVAL),
         (Command.REGION_WRITE, struct.pack("=QII", 0, CONFIG, 4) + b"\0\0", errno.EINVAL),  # count vs data
         (Command.DEVICE_GET_REGION_IO_FDS, struct.pack("=IIII", 16, 0, 0, 0), errno.ENOTSUP),
-        (Command.DEVICE_FEATURE, struct.pack("=II", 8, 0x10001), errno.ENOTSUP),
-        (Command.MIG_DATA_READ, struct.pack("=II", 8, 4096), errno.ENOTSUP),
+        (Command.DEVICE_FEATURE, struct.pack("=II", 8, 0x10001), errno.EINVAL),  # GET MIGRATION, no data
+        (Command.DEVICE_FEATURE, struct.pack("=II", 8, 0x10006), errno.ENOTSUP),  # dirty page logging
+        (Command.MIG_DATA_READ, struct.pack("=II", 8, 4096), errno.EINVAL),  # RUNNING: nothing to read
         (Command.DMA_READ, b"\0" * 16, errno.EINVAL),
         (Command.REGION_WRITE_MULTI, struct.pack("=Q", 0), errno.ENOTSUP),  # not negotiated
         (14, b"", errno.ENOSYS),

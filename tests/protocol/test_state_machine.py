@@ -30,8 +30,8 @@ IOVA_BASE, PAGE, PAGES = 0x100000, 0x1000, 16
 SCRATCH = range(0x100, 0x140, 4)  # plain BAR0 memory in the simulated H100
 REFUSED = {
     Command.DEVICE_GET_REGION_IO_FDS: errno.ENOTSUP,
-    Command.MIG_DATA_READ: errno.ENOTSUP,
-    Command.MIG_DATA_WRITE: errno.ENOTSUP,
+    Command.MIG_DATA_READ: errno.EINVAL,  # sent here without its argsz and size
+    Command.MIG_DATA_WRITE: errno.EINVAL,
     Command.DMA_READ: errno.EINVAL,
     Command.DMA_WRITE: errno.EINVAL,
 }

@@ -2,7 +2,8 @@
 
 Two simulated H100s in one IOMMU space: A's DMA engine reaches B's BAR
 through an fd-less DMA_MAP (as QEMU sends one for every mmapped BAR), only
-where B decodes, only its mmappable parts, and only within the VM.
+where B decodes, only its mmappable parts, only within the VM, and only
+while B's migration state lets peers reach it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import struct
 
 import pytest
 
+from mediator.backends.migration import MigState
 from mediator.backends.space import IommuSpace
 from mediator.virt.device import VirtualDevice
 from mediator.virt.errors import DeviceError
@@ -116,3 +118,16 @@ def test_a_device_leaving_the_vm_takes_its_bars_out_of_its_peers_reach(vm: tuple
     assert read_peer(a, BAR0 + 0x100) is not None
     b.detach_client()  # B's client went: B goes home
     assert read_peer(a, BAR0 + 0x100) is None and space.peer_mappings == 0
+
+
+def test_a_device_stopped_for_migration_is_out_of_its_peers_reach(vm: tuple[IommuSpace, ...]) -> None:
+    """The kernel's rule QEMU does not keep: outside RUNNING_P2P and above, no peer reaches the device."""
+    space, a, b = vm
+    a.dma_map(BAR0, 16 << 20, 3, None, 0)
+    b.migration.set_state(MigState.RUNNING_P2P)  # B starts no P2P, but may still be reached
+    assert read_peer(a, BAR0 + 0x100) == b"B's device memor"
+    for state in (MigState.STOP, MigState.STOP_COPY):
+        b.migration.set_state(state)
+        assert read_peer(a, BAR0 + 0x100) is None and space.peer_mappings == 0, state
+    b.migration.set_state(MigState.RUNNING)
+    assert read_peer(a, BAR0 + 0x100) == b"B's device memor"
