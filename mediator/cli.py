@@ -33,7 +33,14 @@ from mediator.audit import audit_log
 from mediator.backends.base import BAR_ACCESS_MODES, BackendError
 from mediator.backends.profile import DEFAULT_PROFILE, load_profile, resolve_profile, shipped_profiles
 from mediator.backends.sim import SimBackend
-from mediator.backends.sysfs import DeviceNotReady
+from mediator.backends.sysfs import (
+    DeviceNotReady,
+    MdevType,
+    MediatedDevice,
+    is_mdev_name,
+    list_mdevs,
+    mdev_types,
+)
 from mediator.daemon import Daemon, forbid_core_dumps, open_device
 from mediator.errors import InputError, InputErrors
 from mediator.handoff import HandOff, HandOffReason, Owner
@@ -115,18 +122,25 @@ def _command_line_settings(args: argparse.Namespace) -> Settings:
     Its state directory is ``--state-directory``, else systemd's
     ``STATE_DIRECTORY`` (``StateDirectory=`` in the unit), else none.
     """
-    if args.device:
+    mdev = None
+    if args.device and is_mdev_name(args.device):
+        name = mdev = args.device.strip().lower()
+        profile = None
+    elif args.device:
         try:
             name, profile = normalize_bdf(args.device), None
         except AddressError as e:
-            raise InputErrors([InputError("the command line", "--device", str(e))]) from None
+            raise InputErrors(
+                [InputError("the command line", "--device", f"{e}, or a mediated device's UUID")]
+            ) from None
     else:
         profile = str(resolve_profile(args.profile))
         name = load_profile(Path(profile)).name
     spec = DeviceSpec(
         name=name,
         socket=str(args.socket) if getattr(args, "socket", None) else "",
-        bdf=name if args.device else None,
+        bdf=name if args.device and mdev is None else None,
+        mdev=mdev,
         profile=profile,
         bar_access=args.bar_access,
         quirks=[str(q) for q in args.quirks],
@@ -228,7 +242,7 @@ def cmd_scrub(args: argparse.Namespace) -> int:
     device, _ = open_device(settings, spec)
     try:
         record = HandOff(settings.handoff, state).run(
-            device, Owner(spec.name, spec.bdf, spec.tenant), HandOffReason.ON_DEMAND
+            device, Owner(spec.name, spec.bdf, spec.tenant, spec.mdev), HandOffReason.ON_DEMAND
         )
     finally:
         device.backend.close()
@@ -280,7 +294,9 @@ def _device_arguments(command: argparse.ArgumentParser) -> None:
         f"default {DEFAULT_PROFILE}",
     )
     source.add_argument(
-        "--device", metavar="BDF", help="a real PCI function bound to vfio-pci, e.g. 0000:3b:00.0"
+        "--device",
+        metavar="BDF|UUID",
+        help="a real PCI function bound to vfio-pci, e.g. 0000:3b:00.0, or a mediated device by its UUID",
     )
     command.add_argument(
         "--bar-access",
@@ -354,28 +370,73 @@ def _group_text(summary: preflight.DeviceSummary) -> str:
     return f"group {summary.iommu_group} {'viable' if summary.group_viable else 'NOT viable'}"
 
 
-def run_devices(args: argparse.Namespace) -> int:
-    summaries = preflight.list_devices(args.sysfs)
-    if args.json:
-        json.dump([s.to_json() for s in summaries], sys.stdout, indent=1)
-        sys.stdout.write("\n")
-        return 0
+def _function_lines(summaries: Sequence[preflight.DeviceSummary]) -> list[str]:
     if not summaries:
-        print("no candidate for VFIO: nothing is bound to vfio-pci, no display controller, no IOMMU group")
-        return 0
-    print(f"{'BDF':<12}  {'ID':<9}  {'CLASS':<6}  {'DRIVER':<16}  {'IOMMU':<20}  QUIRKS")
+        return []
+    lines = [f"{'BDF':<12}  {'ID':<9}  {'CLASS':<6}  {'DRIVER':<16}  {'IOMMU':<20}  QUIRKS"]
     for s in summaries:
         ids = f"{s.identity.vendor:04x}:{s.identity.device:04x}"
-        print(
+        lines.append(
             f"{s.bdf:<12}  {ids:<9}  {s.identity.class_code:06x}  {s.driver or '-':<16}  "
             f"{_group_text(s):<20}  {', '.join(s.quirks) or '-'}"
         )
         others = [f"{bdf} ({driver or 'no driver'})" for bdf, driver in s.group_members if bdf != s.bdf]
         if others:
-            print(
+            lines.append(
                 f"{'':<14}group {s.iommu_group} also holds {', '.join(others)}: "
                 "they go to one VM together (one IOMMU space)"
             )
+    return lines
+
+
+def _mdev_lines(mdevs: Sequence[MediatedDevice]) -> list[str]:
+    if not mdevs:
+        return []
+    lines = [f"{'MDEV':<36}  {'PARENT':<12}  {'TYPE':<16}  {'DRIVER':<16}  IOMMU"]
+    for m in mdevs:
+        group = "no IOMMU group" if m.iommu_group is None else f"group {m.iommu_group}"
+        lines.append(f"{m.uuid:<36}  {m.parent:<12}  {m.mdev_type:<16}  {m.driver or '-':<16}  {group}")
+    return lines
+
+
+def _mdev_type_lines(offered: Sequence[MdevType]) -> list[str]:
+    if not offered:
+        return []
+    lines = [f"{'MDEV TYPE':<16}  {'PARENT':<12}  {'API':<9}  {'AVAILABLE':<9}  NAME"]
+    for t in offered:
+        lines.append(
+            f"{t.name:<16}  {t.parent:<12}  {t.device_api:<9}  {t.available:<9}  {t.description or '-'}"
+        )
+        if t.device_api != "vfio-pci":
+            lines.append(f"{'':<18}not servable: the daemon serves vfio-pci mediated devices only")
+        elif t.available:
+            lines.append(f"{'':<18}create one: echo $(uuidgen) > {t.path}/create")
+        else:
+            lines.append(f"{'':<18}none left to create: {t.parent} has no room for another")
+    return lines
+
+
+def run_devices(args: argparse.Namespace) -> int:
+    summaries = preflight.list_devices(args.sysfs)
+    mdevs, offered = list_mdevs(args.sysfs), mdev_types(args.sysfs)
+    if args.json:
+        # Still one list, as scripts written before mdevs read it: an entry's key says its kind.
+        listing = [
+            *(s.to_json() for s in summaries),
+            *map(preflight.mdev_json, mdevs),
+            *map(preflight.mdev_type_json, offered),
+        ]
+        json.dump(listing, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    sections = [_function_lines(summaries), _mdev_lines(mdevs), _mdev_type_lines(offered)]
+    if not any(sections):
+        print(
+            "no candidate for VFIO: nothing is bound to vfio-pci, no display controller, no IOMMU group, "
+            "no mediated device"
+        )
+        return 0
+    print("\n\n".join("\n".join(lines) for lines in sections if lines))
     return 0
 
 
@@ -426,28 +487,40 @@ def _preflight_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     """``devices`` and ``doctor``."""
     devices = commands.add_parser(
         "devices",
-        help="list the PCI functions that could be served: driver, IOMMU group, matching quirks",
+        help="list the PCI functions and mediated devices that could be served, and the mdev types offered",
         description="List every PCI function bound to a VFIO driver, every display controller and "
         "every function in an IOMMU group, with its group (viable or not) and the device-specific "
-        "built-in quirks that match it. Reads sysfs only; exit 0.",
+        "built-in quirks that match it; then every mediated device (UUID, parent, type, driver, IOMMU "
+        "group), and the mediated device types their parents offer, with how to create one. "
+        "Reads sysfs only; exit 0.",
     )
-    devices.add_argument("--json", action="store_true", help="print one JSON list")
+    devices.add_argument(
+        "--json",
+        action="store_true",
+        help='print one JSON list: functions (with key "bdf"), mediated devices ("mdev"), the types of '
+        'mediated device offered ("mdev_type")',
+    )
     _tree_arguments(devices, "sysfs")
     devices.set_defaults(run=run_devices)
 
     doctor_command = commands.add_parser(
         "doctor",
-        help="check a function before serving it, and say how to fix what is wrong",
+        help="check a function or mediated device before serving it, and say how to fix what is wrong",
         description="Check everything that would stop the daemon serving a function or weaken its "
         "isolation: driver, IOMMU group, VFIO nodes, reset method, expansion ROM, ATS on the host, "
         "ACS above it, RLIMIT_MEMLOCK; then how long pinning the guest's RAM takes on this host (from "
         "a short mlock sample) and whether the function's recorded resets fit in the client's timeout. "
-        "One line per check (ok, warning, error) with the fix under "
+        "A mediated device (by UUID) gets its own checks (that it exists, its vendor driver, group and "
+        "VFIO nodes) and the same memlock, pinning and timeout ones; its parent's reset, ROM, ATS and "
+        "ACS are checked on the parent. One line per check (ok, warning, error) with the fix under "
         "it. Exit 1 when a check is an error; warnings do not fail. Reading the ROM needs root and "
         "briefly enables it: run doctor while the device is not in use.",
     )
     doctor_command.add_argument(
-        "--device", required=True, metavar="BDF", help="the function, e.g. 0000:3b:00.0"
+        "--device",
+        required=True,
+        metavar="BDF|UUID",
+        help="the function, e.g. 0000:3b:00.0, or the mediated device's UUID",
     )
     doctor_command.add_argument(
         "--guest-ram",
@@ -466,8 +539,8 @@ def _preflight_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         "--state-directory",
         type=Path,
         metavar="DIR",
-        help="without --config: the state directory of `serve --device` (its records name the function "
-        "by its address)",
+        help="without --config: the state directory of `serve --device` (its records name the device "
+        "by its address or UUID)",
     )
     _client_timeout_argument(doctor_command)
     doctor_command.add_argument("--json", action="store_true", help="print one JSON object")

@@ -82,8 +82,9 @@ def forbid_core_dumps() -> None:
 
 
 def open_backend(spec: DeviceSpec) -> Backend:
-    if spec.bdf is not None:
-        return VfioBackend(spec.bdf, bar_access=spec.bar_access)
+    real = spec.bdf or spec.mdev
+    if real is not None:
+        return VfioBackend(real, bar_access=spec.bar_access)
     assert spec.profile is not None
     return SimBackend(load_profile(resolve_profile(spec.profile)), bar_access=spec.bar_access)
 
@@ -127,7 +128,7 @@ class ManagedDevice:
 
     @property
     def owner(self) -> Owner:
-        return Owner(self.spec.name, self.spec.bdf, self.spec.tenant)
+        return Owner(self.spec.name, self.spec.bdf, self.spec.tenant, self.spec.mdev)
 
     def _hand_off(
         self, reason: HandOffReason, owner: Owner | None = None, detail: str = "", not_now: str | None = None
@@ -161,7 +162,7 @@ class ManagedDevice:
         if self._quarantine_reason() is not None:
             return
         previous = self._daemon.state.owners().get(self.spec.name, self.spec.tenant)
-        owner = Owner(self.spec.name, self.spec.bdf, previous)
+        owner = Owner(self.spec.name, self.spec.bdf, previous, self.spec.mdev)
         # Opened late, beside a group-mate in its client's VM: the mate's hand-off resets the group.
         in_vm = [mate.spec.name for mate in self._group_mates() if mate.in_vm]
         self._reset_waits = bool(in_vm)

@@ -122,6 +122,7 @@ class Owner:
     name: str
     bdf: str | None = None
     tenant: str | None = None
+    mdev: str | None = None
 
 
 class HandedOff(Protocol):
@@ -219,7 +220,13 @@ class HandOff:
         wiping = self.policy.wiping
         if wiping is None:
             raise _Skip("no wipe command configured")
-        argv = expand(wiping.command, device=owner.name, bdf=owner.bdf or "", tenant=owner.tenant or "")
+        argv = expand(
+            wiping.command,
+            device=owner.name,
+            bdf=owner.bdf or "",
+            mdev=owner.mdev or "",
+            tenant=owner.tenant or "",
+        )
         if not wiping.release_device:
             return self._run_wipe(argv, owner)
         device.let_go()

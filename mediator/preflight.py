@@ -1,13 +1,22 @@
-"""Operator preflight: which functions could be served, and what stands in the way of one.
+"""Operator preflight: which devices could be served, and what stands in the way of one.
 
 ``list_devices`` reads sysfs only: every PCI function bound to a VFIO driver,
 every display controller and every function with an IOMMU group, with its
-group and the device-specific quirks that match it. ``doctor`` runs each
-check the daemon (or its hand-off) would otherwise fail or warn about later
-(driver, group viability, VFIO nodes, reset, expansion ROM, ATS on the host,
-ACS above the function, RLIMIT_MEMLOCK) and turns each into a ``Finding``
-with the fix, then says what a guest will wait for: how long pinning its
-RAM takes here, and whether the device's resets fit in the client's timeout.
+group and the device-specific quirks that match it. ``devices`` adds the
+mediated devices (``backends.sysfs``: by UUID, with their parent and type)
+and the types their parents offer, with the ``create`` file that makes one. ``doctor``
+runs each check the daemon (or its hand-off) would otherwise fail or warn
+about later (driver, group viability, VFIO nodes, reset, expansion ROM, ATS
+on the host, ACS above the function, RLIMIT_MEMLOCK) and turns each into a
+``Finding`` with the fix, then says what a guest will wait for: how long
+pinning its RAM takes here, and whether the device's resets fit in the
+client's timeout.
+
+A mediated device gets the checks that are its own: that it exists (or how
+to create it), its vendor driver, its IOMMU group and the VFIO nodes, and
+the same memlock, pinning and timeout checks under its UUID. Its reset is
+the vendor driver's, and the expansion ROM, ATS and ACS belong to the parent
+device, so one finding sends the operator to the parent's own doctor.
 
 Pinning is estimated from a sample, not a constant: a 64M memfd (and one of
 huge pages when the kernel has some free) is mapped and mlocked, which
@@ -47,7 +56,18 @@ from typing import Any, Literal
 
 from mediator.backends import advice
 from mediator.backends.pinning import has_cap_ipc_lock, lockable_bytes
-from mediator.backends.sysfs import Members, driver_of, group_blockers, iommu_group_of, is_vfio_driver
+from mediator.backends.sysfs import (
+    MdevType,
+    MediatedDevice,
+    Members,
+    driver_of,
+    group_blockers,
+    iommu_group_of,
+    is_mdev_name,
+    is_vfio_driver,
+    missing_mdev,
+    read_mdev,
+)
 from mediator.handoff import reset_seconds
 from mediator.pci import capabilities as caps
 from mediator.pci.address import BDF, AddressError, normalize_bdf
@@ -115,6 +135,32 @@ class DeviceSummary:
             "group_blockers": [{"bdf": bdf, "driver": driver} for bdf, driver in self.group_blockers],
             "quirks": list(self.quirks),
         }
+
+
+def mdev_json(mdev: MediatedDevice) -> dict[str, Any]:
+    """A mediated device, as ``devices --json`` lists it next to the functions."""
+    return {
+        "mdev": mdev.uuid,
+        "parent": mdev.parent,
+        "type": mdev.mdev_type,
+        "type_name": mdev.type_name,
+        "device_api": mdev.device_api,
+        "driver": mdev.driver,
+        "iommu_group": mdev.iommu_group,
+        "vfio_cdev": mdev.vfio_cdev,
+    }
+
+
+def mdev_type_json(kind: MdevType) -> dict[str, Any]:
+    """A type a parent offers, as ``devices --json`` lists it next to the devices."""
+    return {
+        "mdev_type": kind.name,
+        "parent": kind.parent,
+        "type_name": kind.description,
+        "device_api": kind.device_api,
+        "available_instances": kind.available,
+        "create": str(kind.path / "create"),
+    }
 
 
 # sysfs reading
@@ -232,7 +278,7 @@ def _vfio_api(device: Path, group: int | None, dev: Path) -> Finding:
     if container.exists():
         node = dev / "vfio" / str(group)
         nodes = f"{container} and {node}" if node.exists() else f"{container}"
-        why = "no VFIO cdev for the function" if not cdevs else f"no {iommufd}"
+        why = "no VFIO cdev for the device" if not cdevs else f"no {iommufd}"
         return Finding("ok", "vfio-api", f"{nodes}: the daemon uses the group API ({why})")
     return Finding(
         "error",
@@ -625,36 +671,74 @@ def _reset_time(name: str, client_timeout: float, state: StateStore | None) -> F
     )
 
 
-def doctor(
-    bdf: str,
-    root: Path = SYSFS,
-    guest_ram: int | None = None,
-    *,
-    proc: Path = PROC,
-    dev: Path = DEV,
-    client_timeout: float = DEFAULT_CLIENT_TIMEOUT,
-    state: StateStore | None = None,
-    name: str | None = None,
-) -> list[Finding]:
-    """Every check for serving the function at ``bdf``, with guest RAM of ``guest_ram`` bytes.
+def _mdev_found(mdev: MediatedDevice) -> Finding:
+    kind = f"type {mdev.mdev_type}{f' ({mdev.type_name})' if mdev.type_name else ''} on {mdev.parent}"
+    if mdev.device_api == "vfio-pci":
+        return Finding("ok", "mdev", f"{mdev.uuid}: {kind}")
+    return Finding(
+        "error",
+        "mdev",
+        f"{mdev.uuid}: {kind} is a {mdev.device_api or 'unknown'} mediated device; the daemon serves "
+        "PCI ones (device_api vfio-pci)",
+        "create one of a vfio-pci type instead (vfio-mediator devices lists the types offered)",
+    )
 
-    ``client_timeout`` is the daemon's; ``state`` holds the hand-off records of the function, under
-    ``name`` (its name in the config; default: its address, as ``serve --device`` names it).
-    """
-    try:
-        address = normalize_bdf(bdf)
-    except AddressError as e:
-        return [Finding("error", "function", str(e), "give the address as lspci -D shows it")]
-    device = root / "bus/pci/devices" / address
-    if not device.exists():
-        return [
-            Finding(
-                "error",
-                "function",
-                f"no PCI device {address} (nothing at {device})",
-                "check the address with lspci -D or vfio-mediator devices",
-            )
-        ]
+
+def _mdev_driver(mdev: MediatedDevice, root: Path) -> Finding:
+    if mdev.driver is None:
+        return Finding(
+            "error",
+            "driver",
+            "bound to no driver: nothing registers the mediated device with VFIO",
+            advice.bind_mdev(mdev.uuid, root),
+        )
+    return Finding("ok", "driver", f"bound to {mdev.driver}, the vendor driver of {mdev.parent}'s mdevs")
+
+
+def _mdev_group(mdev: MediatedDevice, root: Path) -> Finding:
+    # An mdev's group is VFIO's own, made when the vendor driver registers it, with or without an
+    # IOMMU: ENABLE_IOMMU, _group_finding's fix for a function, would not help.
+    if mdev.iommu_group is None:
+        return Finding(
+            "error",
+            "iommu",
+            f"no IOMMU group: its driver ({mdev.driver or 'none'}) did not register it with VFIO",
+            advice.bind_mdev(mdev.uuid, root),
+        )
+    return _group_finding(mdev.uuid, mdev.iommu_group, mdev.group_members, root)
+
+
+def _mdev_parent(mdev: MediatedDevice, root: Path) -> Finding:
+    owned = "reset, expansion ROM, ATS and ACS are the parent's"
+    if (root / "bus/pci/devices" / mdev.parent).exists():
+        return Finding(
+            "ok",
+            "parent",
+            f"{owned}: vfio-mediator doctor --device {mdev.parent} checks them (there the driver check "
+            "expects vfio-pci, but a parent keeps its vendor driver)",
+        )
+    return Finding(
+        "ok",
+        "parent",
+        f"{owned}, and {mdev.parent} is a virtual device: the vendor driver emulates the reset, and there "
+        "is no ROM, ATS or ACS",
+    )
+
+
+def _mdev_checks(device: Path, root: Path, dev: Path) -> list[Finding]:
+    """The checks of the mediated device at ``device`` that are its own, not its parent's."""
+    mdev = read_mdev(device)
+    return [
+        _mdev_found(mdev),
+        _mdev_driver(mdev, root),
+        _mdev_group(mdev, root),
+        _vfio_api(device, mdev.iommu_group, dev),
+        _mdev_parent(mdev, root),
+    ]
+
+
+def _function_checks(address: str, device: Path, root: Path, dev: Path) -> list[Finding]:
+    """The checks of the PCI function at ``device``."""
     config = (device / "config").read_bytes()
     identity = Identity.of(config)
     chains = _chains(config)
@@ -672,7 +756,52 @@ def doctor(
         _rom(device, identity),
         _ats(chains),
         _acs(device),
+    ]
+
+
+def doctor(
+    target: str,
+    root: Path = SYSFS,
+    guest_ram: int | None = None,
+    *,
+    proc: Path = PROC,
+    dev: Path = DEV,
+    client_timeout: float = DEFAULT_CLIENT_TIMEOUT,
+    state: StateStore | None = None,
+    name: str | None = None,
+) -> list[Finding]:
+    """Every check for serving ``target`` (a function's address or a mediated device's UUID), with
+    guest RAM of ``guest_ram`` bytes.
+
+    ``client_timeout`` is the daemon's; ``state`` holds the hand-off records of the device, under
+    ``name`` (its name in the config; default: its address or UUID, as ``serve --device`` names it).
+    """
+    if is_mdev_name(target):
+        canonical = target.strip().lower()
+        missing = missing_mdev(canonical, root)
+        if missing is not None:
+            why, fix = missing
+            return [Finding("error", "mdev", f"no mediated device {canonical}: {why}", fix)]
+        own = _mdev_checks(root / "bus/mdev/devices" / canonical, root, dev)
+    else:
+        try:
+            canonical = normalize_bdf(target)
+        except AddressError as e:
+            return [Finding("error", "function", str(e), "give the address as lspci -D shows it")]
+        device = root / "bus/pci/devices" / canonical
+        if not device.exists():
+            return [
+                Finding(
+                    "error",
+                    "function",
+                    f"no PCI device {canonical} (nothing at {device})",
+                    "check the address with lspci -D or vfio-mediator devices",
+                )
+            ]
+        own = _function_checks(canonical, device, root, dev)
+    return [
+        *own,
         _memlock(guest_ram, proc),
         _pinning(guest_ram, proc),
-        _reset_time(name or address, client_timeout, state),
+        _reset_time(name or canonical, client_timeout, state),
     ]

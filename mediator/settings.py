@@ -29,6 +29,7 @@ the file and the key::
     [[device]]
     name = "gpu0"                       # how logs, peers and the CLI refer to it
     bdf = "0000:3b:00.0"                # a real function bound to vfio-pci ...
+    # mdev = "4b20d080-1b54-4048-85b3-a6a62d165c01"   # ... or a mediated device (a vGPU) ...
     # profile = "v100-sxm2"             # ... or a simulated one
     socket = "/run/vfio-mediator/gpu0.sock"
     tenant = "alice"                    # who the device belongs to now
@@ -88,6 +89,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from mediator.backends.base import BarAccess
+from mediator.backends.sysfs import is_mdev_name
 from mediator.errors import InputError, InputErrors
 from mediator.log import LogFormat, LogLevel
 from mediator.pci.address import AddressError, normalize_bdf
@@ -151,6 +153,7 @@ class DeviceSpec(Struct, forbid_unknown_fields=True, frozen=True):
     name: Name
     socket: str
     bdf: str | None = None
+    mdev: str | None = None  # a mediated device's UUID
     profile: str | None = None
     tenant: str | None = None
     serial: str | None = None
@@ -266,10 +269,12 @@ class Settings:
         raise KeyError(name)
 
     def find(self, text: str) -> DeviceSpec | None:
-        """The device named ``text``, or at that BDF, or with that serial number."""
+        """The device named ``text``, or at that BDF, or with that serial number or mdev UUID."""
         for device in self.devices:
-            if text in (device.name, device.serial) or (
-                device.bdf is not None and _same_bdf(device.bdf, text)
+            if (
+                text in (device.name, device.serial)
+                or (device.bdf is not None and _same_bdf(device.bdf, text))
+                or (device.mdev is not None and device.mdev == text.strip().lower())
             ):
                 return device
         return None
@@ -283,7 +288,7 @@ def _same_bdf(bdf: str, text: str) -> bool:
 
 
 COMMAND_FIELDS = {
-    "handoff.wipe": {"device", "bdf", "tenant"},
+    "handoff.wipe": {"device", "bdf", "mdev", "tenant"},
     "fabric.activate": {"partition"},
     "fabric.deactivate": {"partition"},
     "fabric.resync": {"partitions"},
@@ -320,13 +325,15 @@ def _check_devices(devices: Sequence[DeviceSpec]) -> Iterable[Problem]:
         if device.socket in sockets:
             yield f"{where}.socket", f"repeats device[{sockets[device.socket]}]'s socket"
         sockets.setdefault(device.socket, i)
-        if (device.bdf is None) == (device.profile is None):
-            yield where, "give exactly one of bdf (a real device) or profile (simulated)"
+        if [device.bdf, device.mdev, device.profile].count(None) != 2:
+            yield where, "give exactly one of bdf (a PCI function), mdev (a mediated device) or profile"
         if device.bdf is not None:
             try:
                 normalize_bdf(device.bdf)
             except AddressError as e:
                 yield f"{where}.bdf", str(e)
+        if device.mdev is not None and not is_mdev_name(device.mdev):
+            yield f"{where}.mdev", f"{device.mdev!r} is not an mdev UUID (as uuidgen prints)"
         for link in device.links:
             if not link.isdigit() or int(link) > 63:
                 yield f"{where}.links.{link}", "link indexes are numbers 0-63"
@@ -480,6 +487,7 @@ def _resolved(device: DeviceSpec, base: Path) -> DeviceSpec:
         device,
         socket=str(base / device.socket),
         bdf=normalize_bdf(device.bdf) if device.bdf is not None else None,
+        mdev=device.mdev.strip().lower() if device.mdev is not None else None,
         profile=profile,
         quirks=[str(base / quirk) for quirk in device.quirks],
     )

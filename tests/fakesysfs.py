@@ -6,6 +6,15 @@ the upstream path as on a real machine; ``driver`` and ``iommu_group`` are
 symlinks to ``bus/pci/drivers/NAME`` and ``kernel/iommu_groups/N``, whose
 ``devices/`` links back. Config files hold whole config images (the shipped
 profiles' dumps, or a root port built here).
+
+A mediated device's parent is a function added before or a virtual device
+under ``devices/virtual/NAME/NAME`` (mtty's place), listed as
+``class/mdev_bus/NAME``; its types are ``mdev_supported_types/TYPE`` with
+``name``, ``device_api``, ``available_instances``, ``create`` and
+``devices/``. An mdev is the directory ``UUID`` below its parent, and
+``bus/mdev/devices/UUID`` a relative symlink to it; its ``mdev_type``,
+``driver`` (to ``bus/mdev/drivers/NAME``) and ``iommu_group`` are symlinks,
+and each of the type's and the group's ``devices/`` links back.
 """
 
 from __future__ import annotations
@@ -32,6 +41,17 @@ class FakeSysfs:
         (root / "bus/pci/devices").mkdir(parents=True)
         (root / "devices/pci0000:00").mkdir(parents=True)
 
+    def _bind(self, device: Path, bus: str, driver: str) -> None:
+        bound = self.root / "bus" / bus / "drivers" / driver
+        bound.mkdir(parents=True, exist_ok=True)
+        _link(device / "driver", bound)
+
+    def _join_group(self, device: Path, group: int) -> None:
+        members = self.root / "kernel/iommu_groups" / str(group) / "devices"
+        members.mkdir(parents=True, exist_ok=True)
+        _link(device / "iommu_group", members.parent)
+        _link(members / device.name, device)
+
     def add(
         self,
         bdf: str,
@@ -52,18 +72,71 @@ class FakeSysfs:
         (device / "config").write_bytes(config)
         _link(self.root / "bus/pci/devices" / bdf, device)
         if driver:
-            bound = self.root / "bus/pci/drivers" / driver
-            bound.mkdir(parents=True, exist_ok=True)
-            _link(device / "driver", bound)
+            self._bind(device, "pci", driver)
         if group is not None:
-            members = self.root / "kernel/iommu_groups" / str(group) / "devices"
-            members.mkdir(parents=True, exist_ok=True)
-            _link(device / "iommu_group", members.parent)
-            _link(members / bdf, device)
+            self._join_group(device, group)
         if reset_method is not None:
             (device / "reset_method").write_text(reset_method + "\n")
         if rom is not None:
             (device / "rom").write_bytes(rom)
+        return device
+
+    def add_mdev_type(
+        self,
+        parent: str,
+        kind: str,
+        description: str,
+        *,
+        available: int = 1,
+        device_api: str = "vfio-pci",
+    ) -> Path:
+        """A type of mediated device ``parent`` offers, e.g. ("mtty", "mtty-2", "Dual port serial").
+
+        ``parent`` is a function added before or else a virtual device, made here; the first type
+        makes it a parent (``class/mdev_bus``) and brings up the mdev bus, as loading its vendor
+        driver does.
+        """
+        listed = self.root / "class/mdev_bus" / parent
+        if not listed.exists():
+            function = self.root / "bus/pci/devices" / parent
+            device = (
+                function.resolve() if function.exists() else self.root / "devices/virtual" / parent / parent
+            )
+            device.mkdir(parents=True, exist_ok=True)
+            listed.parent.mkdir(parents=True, exist_ok=True)
+            _link(listed, device)
+            (self.root / "bus/mdev/devices").mkdir(parents=True, exist_ok=True)
+        offered = listed.resolve() / "mdev_supported_types" / kind
+        (offered / "devices").mkdir(parents=True)
+        (offered / "name").write_text(description + "\n")
+        (offered / "device_api").write_text(device_api + "\n")
+        (offered / "available_instances").write_text(f"{available}\n")
+        (offered / "create").touch()
+        return offered
+
+    def add_mdev(
+        self,
+        uuid: str,
+        parent: str,
+        kind: str,
+        *,
+        driver: str | None = None,
+        group: int | None = None,
+        vfio_cdev: str | None = None,
+    ) -> Path:
+        """A mediated device of type ``kind`` (added before) on ``parent``, as ``create`` makes it."""
+        offered = (self.root / "class/mdev_bus" / parent).resolve() / "mdev_supported_types" / kind
+        device = offered.parents[1] / uuid
+        device.mkdir()
+        _link(self.root / "bus/mdev/devices" / uuid, device)
+        _link(device / "mdev_type", offered)
+        _link(offered / "devices" / uuid, device)
+        if driver:
+            self._bind(device, "mdev", driver)
+        if group is not None:
+            self._join_group(device, group)
+        if vfio_cdev:
+            (device / "vfio-dev" / vfio_cdev).mkdir(parents=True)
         return device
 
 

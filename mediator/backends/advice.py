@@ -1,4 +1,4 @@
-"""What an operator runs to fix a function the daemon cannot serve, phrased once.
+"""What an operator runs to fix a function or mediated device the daemon cannot serve, phrased once.
 
 The daemon's refusals (``sysfs``, ``vfio``) and the preflight's findings
 (``mediator.preflight``) give the same fixes in the same words, so what
@@ -16,6 +16,13 @@ ENABLE_IOMMU = (
 )
 
 SHARE_THE_GROUP = "bind every device of the group to vfio-pci, or unbind it from its driver"
+
+LOAD_MDEV = "load the parent device's vendor driver (the kernel's sample: modprobe mtty), which loads mdev"
+
+
+def bind_mdev(uuid: str, sysfs: Path) -> str:
+    """What binds the mediated device ``uuid`` to its vendor driver, which registers it with VFIO."""
+    return f"{LOAD_MDEV}; with it loaded, bind the device again: echo {uuid} > {sysfs}/bus/mdev/drivers_probe"
 
 
 def rebind_to_vfio(bdf: str, device: Path, driver: str | None, sysfs: Path) -> str:

@@ -87,6 +87,9 @@ REQUIRES: dict[MigState, int] = {
 # the device starts no P2P, but outstanding and incoming P2P still completes).
 RUNS = frozenset({S.RUNNING, S.PRE_COPY})
 REACHABLE_BY_PEERS = frozenset({S.RUNNING, S.PRE_COPY, S.RUNNING_P2P, S.PRE_COPY_P2P})
+# Where the device's state is read out, and where it is read or written (a copy with a data fd).
+SAVING = frozenset({S.PRE_COPY, S.PRE_COPY_P2P, S.STOP_COPY})
+STREAMS = SAVING | {S.RESUMING}
 
 
 def _has(flags: int, state: MigState) -> bool:

@@ -1,4 +1,4 @@
-"""A real PCI function through the kernel's VFIO, via the cffi shim (``cshim/``).
+"""A real PCI function or mediated device through the kernel's VFIO, via the cffi shim (``cshim/``).
 
 Opening. With a kernel that offers the VFIO device cdev and iommufd
 (``/sys/bus/pci/devices/BDF/vfio-dev/vfioN`` and ``/dev/iommu``), the device
@@ -15,6 +15,16 @@ message. Interrupt eventfds go straight to VFIO_DEVICE_SET_IRQS. DMA goes
 through the IOMMU space the device is in (``backends.space``): its home, a
 container or IOAS of its own with nothing mapped, or its VM's, whose
 container or IOAS the first device to enter it creates.
+
+A mediated device opens the same way, named by its UUID
+(``/sys/bus/mdev/devices/UUID``): its vendor driver registers it with VFIO
+in an IOMMU group (and cdev) of its own.
+
+Migration. For a driver with the kernel's uAPI (VFIO_DEVICE_FEATURE
+MIGRATION), each state change is one MIG_DEVICE_STATE SET: the kernel walks
+its arcs and refuses with its own errno. The data fd a SET returns is the
+copy's, read and written as the client asks, and closed when the device
+leaves the copy's states or is reset.
 
 Errors are ``VfioError``: the operation, the device, the errno, and what to
 change (permissions, RLIMIT_MEMLOCK, a device busy elsewhere, a kernel
@@ -36,11 +46,12 @@ from mediator._vfio_shim import ffi, lib
 from mediator.backends import advice
 from mediator.backends.base import BackendError, BarAccess, DirectAccess, IrqInfo, RegionInfo
 from mediator.backends.dma import DmaMapping
-from mediator.backends.migration import MigrationError, MigState
+from mediator.backends.migration import STREAMS, MigrationError, MigState
 from mediator.backends.pinning import memlock_refusal
 from mediator.backends.space import IommuSpace
-from mediator.backends.sysfs import PciFunction, driver_of, find_function, group_blockers, is_vfio_driver
+from mediator.backends.sysfs import DeviceNotReady, VfioTarget, find_target, group_blockers
 from mediator.pci.address import format_bdf
+from mediator.pci.registers import CONFIG_SPACE_SIZE
 from mediator.vfio_abi import (
     CONFIG_REGION,
     DMA_WRITE,
@@ -299,14 +310,14 @@ class VfioGroup:
 
     _opened: ClassVar[dict[tuple[Path, int], VfioGroup]] = {}
 
-    def __init__(self, function: PciFunction, dev: Path) -> None:
+    def __init__(self, function: VfioTarget, dev: Path) -> None:
         assert function.iommu_group is not None
         self.number = function.iommu_group
         self.key = (dev, self.number)
         self.who = f"IOMMU group {self.number}"
         self.home = Type1Container(f"{self.who}'s home", dev)
         try:
-            self.fd = _open_node(function.bdf, dev / str(self.number), self.who)
+            self.fd = _open_node(function.name, dev / str(self.number), self.who)
         except BaseException:
             self.home.close()
             raise
@@ -322,16 +333,16 @@ class VfioGroup:
             raise
 
     @classmethod
-    def of(cls, function: PciFunction, dev: Path) -> VfioGroup:
+    def of(cls, function: VfioTarget, dev: Path) -> VfioGroup:
         key = (dev, function.iommu_group or 0)
         group = cls._opened.get(key)
         if group is None:
             group = cls._opened[key] = cls(function, dev)
         return group
 
-    def _check_viable(self, function: PciFunction) -> None:
+    def _check_viable(self, function: VfioTarget) -> None:
         status = ffi.new("struct vfio_group_status *", {"argsz": ffi.sizeof("struct vfio_group_status")})
-        _ioctl(function.bdf, self.fd, lib.VFIO_GROUP_GET_STATUS, status, "VFIO_GROUP_GET_STATUS")
+        _ioctl(function.name, self.fd, lib.VFIO_GROUP_GET_STATUS, status, "VFIO_GROUP_GET_STATUS")
         if not status.flags & lib.VFIO_GROUP_FLAGS_VIABLE:
             blockers = (
                 ", ".join(
@@ -340,15 +351,15 @@ class VfioGroup:
                 or "a device"
             )
             raise VfioError(
-                function.bdf,
+                function.name,
                 f"using {self.who}",
                 errno.EINVAL,
                 f"The group is not viable: {blockers} shares it; {advice.SHARE_THE_GROUP}",
             )
 
-    def device_fd(self, bdf: str) -> int:
-        name = ffi.new("char[]", bdf.encode())
-        return _ioctl(bdf, self.fd, lib.VFIO_GROUP_GET_DEVICE_FD, name, "VFIO_GROUP_GET_DEVICE_FD")
+    def device_fd(self, name: str) -> int:
+        wanted = ffi.new("char[]", name.encode())
+        return _ioctl(name, self.fd, lib.VFIO_GROUP_GET_DEVICE_FD, wanted, "VFIO_GROUP_GET_DEVICE_FD")
 
     def attach(self, device: VfioDevice) -> int:
         fd = self.device_fd(device.name)
@@ -429,9 +440,9 @@ class VfioDevice:
     vfio-pci takes as a close and an open of each (it resets them).
     """
 
-    def __init__(self, function: PciFunction, *, prefer_cdev: bool = True, dev: Path = DEV_VFIO) -> None:
+    def __init__(self, function: VfioTarget, *, prefer_cdev: bool = True, dev: Path = DEV_VFIO) -> None:
         self.function = function
-        self.name = function.bdf
+        self.name = function.name
         self._dev = dev
         self.fd = -1
         self.group: VfioGroup | None = None
@@ -624,6 +635,53 @@ class VfioDevice:
                 format_bdf(devices[i].segment, devices[i].bus, devices[i].devfn) for i in range(info.count)
             ]
 
+    # migration (VFIO_DEVICE_FEATURE)
+    def _feature(self, feature: int, flags: int, payload: str, operation: str, **fields: int) -> Any:
+        """VFIO_DEVICE_FEATURE ``feature`` with its ``payload`` struct (``fields`` set); the payload after."""
+        size = ffi.sizeof("struct vfio_device_feature") + ffi.sizeof(payload)
+        buffer = ffi.new("char[]", size)
+        header = ffi.cast("struct vfio_device_feature *", buffer)
+        header.argsz, header.flags = size, flags | feature
+        data = ffi.cast(f"{payload} *", buffer + ffi.sizeof("struct vfio_device_feature"))
+        for name, value in fields.items():
+            setattr(data, name, value)
+        _ioctl(self.name, self.fd, lib.VFIO_DEVICE_FEATURE, header, operation)
+        return data
+
+    def migration_flags(self) -> int:
+        """VFIO_MIGRATION_* the kernel driver offers; 0 when it has no migration (ENOTTY)."""
+        try:
+            data = self._feature(
+                lib.VFIO_DEVICE_FEATURE_MIGRATION,
+                lib.VFIO_DEVICE_FEATURE_GET,
+                "struct vfio_device_feature_migration",
+                "VFIO_DEVICE_FEATURE(GET MIGRATION)",
+            )
+        except VfioError:
+            return 0
+        return int(data.flags)
+
+    def migration_state(self) -> MigState:
+        data = self._feature(
+            lib.VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
+            lib.VFIO_DEVICE_FEATURE_GET,
+            "struct vfio_device_feature_mig_state",
+            "VFIO_DEVICE_FEATURE(GET MIG_DEVICE_STATE)",
+        )
+        return MigState(int(data.device_state))
+
+    def set_migration_state(self, target: MigState) -> int:
+        """Move to ``target`` (the kernel walks the arcs); the data fd the move opened, or -1."""
+        data = self._feature(
+            lib.VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
+            lib.VFIO_DEVICE_FEATURE_SET,
+            "struct vfio_device_feature_mig_state",
+            f"VFIO_DEVICE_FEATURE(SET MIG_DEVICE_STATE {target.name})",
+            device_state=int(target),
+            data_fd=-1,
+        )
+        return int(data.data_fd)
+
     def close(self) -> None:
         """The device fd, then its group's share (the last function closes the group) or its IOAS."""
         if self.fd >= 0:
@@ -653,11 +711,11 @@ def grow_noresize(
 
 
 class VfioBackend:
-    """The ``Backend`` of a real function: the kernel's vfio-pci below the quirk table."""
+    """The ``Backend`` of a real function or mdev: the kernel's VFIO driver below the quirk table."""
 
     def __init__(
         self,
-        bdf: str,
+        name: str,
         *,
         bar_access: BarAccess = "mmap",
         prefer_cdev: bool = True,
@@ -665,27 +723,32 @@ class VfioBackend:
         dev: Path = DEV_VFIO,
     ) -> None:
         self._sysfs, self._prefer_cdev, self._dev = sysfs, prefer_cdev, dev
-        self.device = self._open(bdf)
-        self.function = self.device.function
+        self._data_fd = -1  # the kernel's file of the current copy (saving or resuming)
+        self._opened(find_target(name, sysfs))
         self.bar_access = bar_access
-        self.description = f"{self.function.bdf} through VFIO ({self.device.api})"
-        # BARs, ROM and config; the VGA region (8) exists only on VGA devices and is never served.
-        self._regions = {index: self.device.region(index) for index in range(VGA_REGION)}
-        self.config_size = self._regions[CONFIG_REGION].size
+        self.description = f"{self.function.name} through VFIO ({self.device.api})"
+        # A config space has at least its 256-byte header; mtty's region says 255 (the sample's
+        # off-by-one): the rest reads as zeros, as registers a device does not implement do.
+        self.config_size = max(self._regions[CONFIG_REGION].size, CONFIG_SPACE_SIZE)
         self.can_reset = bool(self.device.info.flags & lib.VFIO_DEVICE_FLAGS_RESET)
-        self.migration_state = MigState.RUNNING  # the kernel's migration uAPI is not driven yet
         assert self.device.home is not None
-        self.home = IommuSpace(f"{self.function.bdf}'s home", self.device.home)
+        self.home = IommuSpace(f"{self.function.name}'s home", self.device.home)
         # type1 maps the daemon's mmap of a peer's BAR (a PFN mapping); iommufd needs dma-buf for it.
         self.peer_dma = (
             None
             if self.device.api == "group"
             else "iommufd cannot map another device's memory without dma-buf support, which the daemon lacks"
         )
-        self._noresize: dict[int, list[int]] = {}  # index -> eventfds the kernel has, for NORESIZE indexes
 
-    def _open(self, bdf: str) -> VfioDevice:
-        return VfioDevice(find_function(bdf, self._sysfs), prefer_cdev=self._prefer_cdev, dev=self._dev)
+    def _opened(self, target: VfioTarget) -> None:
+        """Open ``target`` and learn what the kernel offers of it."""
+        self.device = VfioDevice(target, prefer_cdev=self._prefer_cdev, dev=self._dev)
+        self.function = self.device.function
+        # BARs, ROM and config; the VGA region (8) exists only on VGA devices and is never served.
+        self._regions = {index: self.device.region(index) for index in range(VGA_REGION)}
+        self._noresize: dict[int, list[int]] = {}  # index -> eventfds the kernel has, for NORESIZE indexes
+        self._migration_flags = self.device.migration_flags()
+        self.migration_state = self.device.migration_state() if self._migration_flags else MigState.RUNNING
 
     # config and regions
     def _pread(self, index: int, offset: int, length: int) -> bytes:
@@ -696,11 +759,11 @@ class VfioBackend:
             data = os.pread(self.device.fd, length, region.offset + offset)
         except OSError as e:
             raise VfioError(
-                self.function.bdf, f"reading region {index} at {offset:#x}", e.errno or errno.EIO
+                self.function.name, f"reading region {index} at {offset:#x}", e.errno or errno.EIO
             ) from None
         if len(data) != length:
             raise VfioError(
-                self.function.bdf, f"reading region {index} at {offset:#x}", errno.EIO, "short read"
+                self.function.name, f"reading region {index} at {offset:#x}", errno.EIO, "short read"
             )
         return data
 
@@ -714,18 +777,28 @@ class VfioBackend:
             written = os.pwrite(self.device.fd, data, region.offset + offset)
         except OSError as e:
             raise VfioError(
-                self.function.bdf, f"writing region {index} at {offset:#x}", e.errno or errno.EIO
+                self.function.name, f"writing region {index} at {offset:#x}", e.errno or errno.EIO
             ) from None
         if written != len(data):
             raise VfioError(
-                self.function.bdf, f"writing region {index} at {offset:#x}", errno.EIO, "short write"
+                self.function.name, f"writing region {index} at {offset:#x}", errno.EIO, "short write"
             )
 
+    def _config_inside(self, offset: int, length: int) -> int:
+        """How much of a config access lies in the kernel's region (which may be short of 256 bytes)."""
+        if offset < 0 or length <= 0 or offset + length > self.config_size:
+            raise BackendError(f"config access {offset:#x}+{length} outside its {self.config_size} bytes")
+        return max(0, min(length, self._regions[CONFIG_REGION].size - offset))
+
     def read_config(self, offset: int, length: int) -> bytes:
-        return self._pread(CONFIG_REGION, offset, length)
+        """The kernel's bytes; zeros past a short region, as an absent register reads."""
+        inside = self._config_inside(offset, length)
+        return (self._pread(CONFIG_REGION, offset, inside) if inside else b"") + bytes(length - inside)
 
     def write_config(self, offset: int, data: bytes) -> None:
-        self._pwrite(CONFIG_REGION, offset, data)
+        inside = self._config_inside(offset, len(data))
+        if inside:
+            self._pwrite(CONFIG_REGION, offset, data[:inside])
 
     def region_info(self, index: int) -> RegionInfo:
         region = self._regions.get(index)
@@ -747,7 +820,12 @@ class VfioBackend:
         region = self._regions.get(index)
         if region is None or not region.size:
             return None
-        return DirectAccess(fd=self.device.fd, file_offset=region.offset)
+        short = (
+            ((region.size, self.config_size),)
+            if index == CONFIG_REGION and region.size < self.config_size
+            else ()
+        )
+        return DirectAccess(fd=self.device.fd, file_offset=region.offset, special=short)
 
     def bar_memory(self, index: int, offset: int, size: int) -> mmap.mmap:
         """Through the device fd, as a client maps it; the fd stays open while the mapping lives."""
@@ -793,12 +871,16 @@ class VfioBackend:
     def enter(self, space: IommuSpace) -> bool:
         if space.iommu is None:
             if len(space):
-                raise VfioError(self.function.bdf, f"joining {space.name}", errno.EINVAL, _MIXED_APIS)
+                raise VfioError(self.function.name, f"joining {space.name}", errno.EINVAL, _MIXED_APIS)
             space.iommu = self.device.new_iommu(space.name)
         return self.device.move_to(space.iommu)
 
     def reset(self) -> None:
+        """VFIO_DEVICE_RESET, which also ends a migration: the kernel's device is RUNNING again."""
         self.device.reset()
+        self._close_data()
+        if self._migration_flags:
+            self.migration_state = self.device.migration_state()
 
     @property
     def iommu_group(self) -> int | None:
@@ -818,56 +900,96 @@ class VfioBackend:
         return None
 
     def bus_reset_reaches(self) -> tuple[str, ...]:
-        return tuple(bdf for bdf in self.device.hot_reset_devices() if bdf != self.function.bdf)
+        return tuple(bdf for bdf in self.device.hot_reset_devices() if bdf != self.function.name)
 
     def bus_reset(self) -> None:
         self.device.bus_reset()
 
-    # migration: not offered for a real function yet (its kernel uAPI comes with mdev support)
+    # migration: the kernel's uAPI. The kernel walks the arcs and refuses what its driver cannot do,
+    # with its own errno; the data fd of a copy is read and written as the client asks.
     def migration_flags(self) -> int:
-        return 0
+        return self._migration_flags
+
+    def _refused(self, e: VfioError) -> MigrationError:
+        """The kernel's failure, as the client is told it, once the state it left is known again."""
+        try:
+            self.migration_state = self.device.migration_state()
+        except (VfioError, ValueError):
+            self.migration_state = MigState.ERROR
+        return MigrationError(e.errno, str(e))
 
     def set_migration_state(self, target: MigState) -> None:
-        raise MigrationError(errno.ENOTSUP, f"{self.function.bdf} is not migrated by this daemon")
+        if not self._migration_flags:
+            raise MigrationError(errno.ENOTSUP, f"{self.function.name}'s kernel driver does not migrate")
+        try:
+            data_fd = self.device.set_migration_state(target)
+        except VfioError as e:
+            raise self._refused(e) from None
+        if data_fd >= 0:
+            self._close_data()
+            self._data_fd = data_fd
+        elif target not in STREAMS:  # the kernel has closed its side of the copy
+            self._close_data()
+        self.migration_state = target
 
     def read_migration_data(self, size: int) -> bytes:
-        raise MigrationError(errno.ENOTSUP, f"{self.function.bdf} is not migrated by this daemon")
+        """The data fd's next bytes; b"" when it has none now (PRE_COPY) or no more (STOP_COPY)."""
+        if self._data_fd < 0:
+            raise MigrationError(errno.EINVAL, f"no migration data to read in {self.migration_state.name}")
+        try:
+            return os.read(self._data_fd, size)
+        except OSError as e:
+            failed = VfioError(self.function.name, "reading migration data", e.errno or errno.EIO)
+            raise self._refused(failed) from None
 
     def write_migration_data(self, data: bytes) -> None:
-        raise MigrationError(errno.ENOTSUP, f"{self.function.bdf} is not migrated by this daemon")
+        if self._data_fd < 0:
+            raise MigrationError(errno.EINVAL, f"no migration data to write in {self.migration_state.name}")
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self._data_fd, view) :]
+            except OSError as e:
+                failed = VfioError(self.function.name, "writing migration data", e.errno or errno.EIO)
+                raise self._refused(failed) from None
+
+    def _close_data(self) -> None:
+        if self._data_fd >= 0:
+            os.close(self._data_fd)
+            self._data_fd = -1
 
     def let_go(self) -> None:
         group = self.device.group
         others = [d.name for d in group.devices if d is not self.device] if group is not None else []
         if others:
             raise VfioError(
-                self.function.bdf,
+                self.function.name,
                 "releasing the device for the wipe command",
                 errno.EBUSY,
                 f"{', '.join(others)} of {group.who if group else ''} stays open in the daemon: a function "
                 "can be given to another driver only when the daemon holds nothing else of its group",
             )
+        self._close_data()
         self.device.close()
 
     def take_back(self, timeout: float) -> None:
-        function = self._sysfs / "bus/pci/devices" / self.function.bdf
         deadline = time.monotonic() + timeout
-        while not is_vfio_driver(driver_of(function)):
-            if time.monotonic() > deadline:
-                bound = driver_of(function) or "no driver"
-                raise VfioError(
-                    self.function.bdf,
-                    "taking the device back after the wipe command",
-                    errno.ENODEV,
-                    f"it is bound to {bound}, not to vfio-pci (waited {timeout:g} s): whoever had it "
-                    "must bind it back (driver_override, drivers_probe)",
-                )
+        while True:
+            try:
+                target = find_target(self.function.name, self._sysfs)
+                break
+            except DeviceNotReady as e:
+                if time.monotonic() > deadline:
+                    raise VfioError(
+                        self.function.name,
+                        "taking the device back after the wipe command",
+                        errno.ENODEV,
+                        f"{e} (waited {timeout:g} s): whoever had it must give it back to VFIO",
+                    ) from None
             time.sleep(0.1)
-        self.device = self._open(self.function.bdf)
-        self.function = self.device.function
-        self._regions = {index: self.device.region(index) for index in range(VGA_REGION)}
-        self._noresize.clear()
+        self._opened(target)
         self.home.iommu = self.device.home
 
     def close(self) -> None:
+        self._close_data()
         self.device.close()

@@ -18,13 +18,12 @@ import struct
 from collections.abc import Callable
 from typing import Protocol
 
-from mediator.backends.migration import MigrationError, MigState, state_named
+from mediator.backends.migration import SAVING, MigrationError, MigState, state_named
 
 # Frames: kind u8, length u32, then the bytes.
 FRAME = struct.Struct("<BI")
 HEADER, DEVICE, CONFIG, END = 1, 2, 3, 4
 FORMAT = b"vfio-mediator migration 1\0"
-SAVING = frozenset({MigState.PRE_COPY, MigState.PRE_COPY_P2P, MigState.STOP_COPY})
 
 
 def fingerprint(virtual: bytes, writable: bytes, initial_shadow: bytes) -> bytes:

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from mediator.vfio_user.wire import HEADER, Command
 from tests.support import DaemonProcess
 
@@ -191,7 +193,17 @@ def test_a_device_the_host_holds_back_waits_on_its_socket(tmp_path: Path) -> Non
     assert "Traceback" not in daemon.log
 
 
-def test_a_command_line_device_that_cannot_be_opened_is_an_error_at_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("0000:7f:1f.7", "no PCI device 0000:7f:1f.7"),
+        # This host has no mdev bus: the error names the UUID and what would give it one.
+        ("83B8F4F2-509F-382F-3C1E-E6BFE0FA1001", "no mediated device 83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"),
+    ],
+)
+def test_a_command_line_device_that_cannot_be_opened_is_an_error_at_once(
+    tmp_path: Path, device: str, message: str
+) -> None:
     result = subprocess.run(
         [
             sys.executable,
@@ -199,7 +211,7 @@ def test_a_command_line_device_that_cannot_be_opened_is_an_error_at_once(tmp_pat
             "mediator",
             "serve",
             "--device",
-            "0000:7f:1f.7",
+            device,
             "--socket",
             str(tmp_path / "dev.sock"),
         ],
@@ -208,7 +220,7 @@ def test_a_command_line_device_that_cannot_be_opened_is_an_error_at_once(tmp_pat
         timeout=60,
         check=False,
     )
-    assert result.returncode == 1 and "no PCI device 0000:7f:1f.7" in result.stderr, result.stderr
+    assert result.returncode == 1 and message in result.stderr, result.stderr
 
 
 def test_a_bad_config_on_reload_changes_nothing(tmp_path: Path) -> None:

@@ -62,7 +62,9 @@ def paths_to_keep_under_tmp(paths: list[Path]) -> list[Path]:
     return kept
 
 
-def in_guest_script(module: str) -> str:
+def in_guest_script(module: str, modules: tuple[Path, ...] = ()) -> str:
+    """The guest's init: the testbed's modules, the host's root, then ``python -m module`` there;
+    ``modules`` are further kernel modules of the host's file system, loaded before."""
     home, cache = Path.home().resolve(), cached_testbed()
     run = (
         f"cd {ROOT} && exec /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME={home} "
@@ -81,16 +83,23 @@ def in_guest_script(module: str) -> str:
         f"mkdir -p /host && {MOUNT_HOST_ROOT} /host; "
         "mount -t proc proc /host/proc; mount -t sysfs sys /host/sys; mount -t devtmpfs dev /host/dev; "
         "mkdir -p /host-tmp && mount -o bind /host/tmp /host-tmp; mount -t tmpfs tmp /host/tmp; "
-        f"{keep}chroot /host /bin/sh -c '{run}'"
+        f"{keep}"
+        + "".join(f"insmod /host{path} || echo RESULT-FAIL insmod {path}; " for path in modules)
+        + f"chroot /host /bin/sh -c '{run}'"
     )
 
 
 def run_in_guest(
-    module: str, devices: tuple[str, ...] = EDUS, memory: str = "2G", timeout: float = 1500
+    module: str,
+    devices: tuple[str, ...] = EDUS,
+    memory: str = "2G",
+    timeout: float = 1500,
+    modules: tuple[Path, ...] = (),
 ) -> str:
     """Boot the real-VFIO guest (``memory`` of RAM) with ``devices`` beside the NIC and igb, run
-    ``python -m module`` there on this checkout, and return the serial console's output."""
-    return boot(in_guest_script(module), devices, memory, timeout)
+    ``python -m module`` there on this checkout (after loading ``modules``), and return the
+    serial console's output."""
+    return boot(in_guest_script(module, modules), devices, memory, timeout)
 
 
 def boot(script: str, devices: tuple[str, ...], memory: str, timeout: float, append: str = "") -> str:

@@ -24,6 +24,8 @@ from tests.support import profile
 GPU = "0000:3b:00.0"
 AUDIO = "0000:3b:00.1"
 PORT = "0000:00:01.0"
+MDEV = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
+ABSENT = "83b8f4f2-509f-382f-3c1e-e6bfe0fa10ff"
 H100 = profile("h100-sxm5").image
 CAP_IPC_LOCK = 1 << 14
 
@@ -57,16 +59,22 @@ class Machine:
             rom=build_rom(Identity.of(config), 0x20000) if rom == "valid" else rom,
         )
 
+    def mtty(self, *, driver: str | None = "mtty", group: int | None = 14) -> Path:
+        """The kernel's mtty sample loaded, with one dual-port instance at MDEV; by default ready."""
+        self.sysfs.add_mdev_type("mtty", "mtty-1", "Single port serial", available=2)
+        self.sysfs.add_mdev_type("mtty", "mtty-2", "Dual port serial", available=1)
+        return self.sysfs.add_mdev(MDEV, "mtty", "mtty-2", driver=driver, group=group)
+
     def doctor(
         self,
-        bdf: str = GPU,
+        target: str = GPU,
         guest_ram: int | None = None,
         *,
         client_timeout: float = DEFAULT_CLIENT_TIMEOUT,
         state: StateStore | None = None,
     ) -> dict[str, Finding]:
         findings = doctor(
-            bdf,
+            target,
             self.sysfs.root,
             guest_ram,
             proc=self.proc,
@@ -92,6 +100,8 @@ DOCTOR_CHECKS = (
     "pinning",
     "timeout",
 )
+# A mediated device's: its parent's reset, ROM, ATS and ACS are one finding, and there is no P2P to a BAR.
+MDEV_CHECKS = ("mdev", "driver", "iommu", "vfio-api", "parent", "memlock", "pinning", "timeout")
 
 
 @pytest.fixture
@@ -111,9 +121,7 @@ def test_a_vfio_bound_gpu_in_a_viable_group_passes_every_check(machine: Machine)
     assert findings["function"].found.startswith(f"{GPU} 10de:2330")
     assert findings["driver"].found == "bound to vfio-pci"
     assert findings["iommu"].found == f"group 12 is viable: {GPU} (vfio-pci), {AUDIO} (vfio-pci)"
-    assert findings["vfio-api"].found.endswith(
-        "the daemon uses the group API (no VFIO cdev for the function)"
-    )
+    assert findings["vfio-api"].found.endswith("the daemon uses the group API (no VFIO cdev for the device)")
     assert findings["reset"].found == "flr, bus (from the kernel's reset_method)"
     assert findings["rom"].found.startswith("1 image(s), 65536 bytes, SHA-256 ")
     assert findings["ats"].found == "no ATS capability"
@@ -551,3 +559,141 @@ def test_a_bad_guest_ram_size_is_a_usage_error(machine: Machine, capsys: pytest.
         run(*doctor_args(machine, "--guest-ram", "lots"))
     assert usage.value.code == 2
     assert "'lots' is not a size" in capsys.readouterr().err
+
+
+# mediated devices
+
+
+def test_a_bound_mdev_in_its_own_group_passes_every_check(machine: Machine, tmp_path: Path) -> None:
+    machine.mtty()
+    state = StateStore(tmp_path / "state")
+    recorded(state, MDEV, 0.2)  # `serve --device UUID` keeps its records under the UUID
+    findings = machine.doctor(MDEV.upper(), guest_ram=1 << 30, state=state)
+    assert severities(findings) == {check: "ok" for check in MDEV_CHECKS}
+    assert findings["mdev"].found == f"{MDEV}: type mtty-2 (Dual port serial) on mtty"
+    assert findings["driver"].found == "bound to mtty, the vendor driver of mtty's mdevs"
+    assert findings["iommu"].found == f"group 14 is viable: {MDEV} (mtty)"
+    assert findings["vfio-api"].found.endswith("the daemon uses the group API (no VFIO cdev for the device)")
+    assert findings["parent"].found.startswith("reset, expansion ROM, ATS and ACS are the parent's, and mtty")
+    assert findings["timeout"].found.startswith(f"resets of {MDEV} took up to 0.2 s in 1 recorded hand-offs")
+    assert all(not f.fix for f in findings.values())
+
+
+def test_an_mdev_on_a_pci_parent_sends_its_reset_rom_ats_and_acs_to_the_parents_doctor(
+    machine: Machine,
+) -> None:
+    machine.gpu(driver="nvidia")
+    machine.sysfs.add_mdev_type(GPU, "nvidia-35", "GRID T4-1Q", available=16)
+    machine.sysfs.add_mdev(MDEV, GPU, "nvidia-35", driver="nvidia-vgpu-vfio", group=30, vfio_cdev="vfio3")
+    fake_dev(machine.dev, "iommu", "vfio/devices/vfio3")
+    findings = machine.doctor(MDEV)
+    assert severities(findings) == {check: "ok" for check in MDEV_CHECKS}
+    assert findings["mdev"].found == f"{MDEV}: type nvidia-35 (GRID T4-1Q) on {GPU}"
+    assert f"vfio-mediator doctor --device {GPU} checks them" in findings["parent"].found
+    assert findings["vfio-api"].found.endswith(
+        "vfio3 and " + str(machine.dev / "iommu") + ": the daemon uses iommufd"
+    )
+
+
+def test_doctor_on_an_mdev_not_created_says_how_to_create_it(
+    machine: Machine, capsys: pytest.CaptureFixture[str]
+) -> None:
+    machine.mtty()
+    types = machine.sysfs.root / "class/mdev_bus/mtty/mdev_supported_types"
+    args = doctor_args(machine)
+    args[args.index(GPU)] = ABSENT
+    assert run(*args) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        f"error    mdev      no mediated device {ABSENT}: nothing at "
+        f"{machine.sysfs.root}/bus/mdev/devices/{ABSENT}",
+        f"         fix: create it with: echo {ABSENT} > {types}/mtty-1/create (types offered here: "
+        "mtty/mtty-1 (2 available), mtty/mtty-2 (1 available))",
+    ]
+
+
+def test_doctor_on_an_mdev_without_the_mdev_bus_says_to_load_the_vendor_driver(machine: Machine) -> None:
+    [absent] = machine.doctor(ABSENT).values()
+    assert (absent.severity, absent.found) == (
+        "error",
+        f"no mediated device {ABSENT}: the kernel has no mdev bus",
+    )
+    assert "modprobe mtty" in absent.fix
+
+
+def test_an_mdev_bound_to_no_driver_gets_the_vendor_driver_to_load(machine: Machine) -> None:
+    machine.mtty(driver=None, group=None)
+    findings = machine.doctor(MDEV)
+    driver, iommu = findings["driver"], findings["iommu"]
+    assert driver.severity == "error"
+    assert driver.found == "bound to no driver: nothing registers the mediated device with VFIO"
+    assert driver.fix.startswith(
+        "load the parent device's vendor driver (the kernel's sample: modprobe mtty)"
+    )
+    assert driver.fix.endswith(f"echo {MDEV} > {machine.sysfs.root}/bus/mdev/drivers_probe")
+    assert (
+        iommu.severity == "error"
+        and iommu.found == "no IOMMU group: its driver (none) did not register it with VFIO"
+    )
+    assert "intel_iommu" not in iommu.fix
+
+
+def test_devices_lists_mdevs_with_their_parent_and_the_types_offered(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    machine = Machine(tmp_path)
+    machine.mtty()
+    machine.sysfs.add_mdev_type("mtty", "mtty-ccw", "Not PCI", device_api="vfio-ccw")
+    types = machine.sysfs.root / "class/mdev_bus/mtty/mdev_supported_types"
+    assert run("devices", "--json", "--sysfs", machine.sysfs.root) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert [row["bdf"] for row in listing if "bdf" in row] == [PORT]
+    rows = {row.get("mdev"): row for row in listing if row.get("mdev")}
+    assert rows == {
+        MDEV: {
+            "mdev": MDEV,
+            "parent": "mtty",
+            "type": "mtty-2",
+            "type_name": "Dual port serial",
+            "device_api": "vfio-pci",
+            "driver": "mtty",
+            "iommu_group": 14,
+            "vfio_cdev": None,
+        }
+    }
+    offered = {row["mdev_type"]: row for row in listing if "mdev_type" in row}
+    assert offered["mtty-1"] == {
+        "mdev_type": "mtty-1",
+        "parent": "mtty",
+        "type_name": "Single port serial",
+        "device_api": "vfio-pci",
+        "available_instances": 2,
+        "create": f"{types}/mtty-1/create",
+    }
+    assert sorted(offered) == ["mtty-1", "mtty-2", "mtty-ccw"]
+
+    (types / "mtty-2/available_instances").write_text("0\n")
+    assert run("devices", "--sysfs", machine.sysfs.root) == 0
+    sections = capsys.readouterr().out.split("\n\n")
+    assert len(sections) == 3 and sections[0].startswith("BDF ")
+    mdevs, kinds = sections[1].splitlines(), sections[2].splitlines()
+    assert [line.split() for line in mdevs] == [
+        ["MDEV", "PARENT", "TYPE", "DRIVER", "IOMMU"],
+        [MDEV, "mtty", "mtty-2", "mtty", "group", "14"],
+    ]
+    assert kinds[0].split() == ["MDEV", "TYPE", "PARENT", "API", "AVAILABLE", "NAME"]
+    assert kinds[1].split() == ["mtty-1", "mtty", "vfio-pci", "2", "Single", "port", "serial"]
+    assert kinds[2].strip() == f"create one: echo $(uuidgen) > {types}/mtty-1/create"
+    assert kinds[4].strip() == "none left to create: mtty has no room for another"
+    assert kinds[6].strip() == "not servable: the daemon serves vfio-pci mediated devices only"
+
+
+def test_devices_with_mdevs_and_no_pci_candidate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sysfs = FakeSysfs(tmp_path)
+    assert run("devices", "--sysfs", tmp_path) == 0
+    assert capsys.readouterr().out.startswith("no candidate for VFIO: ")
+    sysfs.add_mdev_type("mtty", "mtty-2", "Dual port serial")
+    sysfs.add_mdev(MDEV, "mtty", "mtty-2", driver="mtty", group=3)
+    assert run("devices", "--sysfs", tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "no candidate" not in out and out.startswith("MDEV ") and f"\n{MDEV}  mtty " in out

@@ -165,9 +165,27 @@ def test_a_gpudirect_clique_is_given_only_where_p2p_can_reach_its_peers(tmp_path
     assert iommufd.gpudirect_clique is None and iommufd.gpudirect_withheld == "iommufd cannot map it"
 
 
+MDEV = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
+
+
+def test_a_mediated_device_is_named_by_its_uuid(tmp_path: Path) -> None:
+    settings = load_settings(
+        write(tmp_path, f'[[device]]\nname = "vgpu"\nsocket = "s"\nmdev = "{MDEV.upper()}"\n')
+    )
+    spec = settings.device("vgpu")
+    assert (spec.mdev, spec.bdf) == (MDEV, None)
+    assert settings.find(MDEV.upper()) is spec
+
+
 BAD = [
     ('[[device]]\nname = "a"\nsocket = "s"\n', "device[0] (a)", "exactly one of bdf"),
     ('[[device]]\nname = "a"\nsocket = "s"\nbdf = "3b:00"\n', "device[0] (a).bdf", "not a PCI address"),
+    ('[[device]]\nname = "a"\nsocket = "s"\nmdev = "mtty-2"\n', "device[0] (a).mdev", "not an mdev UUID"),
+    (
+        f'[[device]]\nname = "a"\nsocket = "s"\nbdf = "3b:00.0"\nmdev = "{MDEV}"\n',
+        "device[0] (a)",
+        "exactly one of bdf (a PCI function), mdev (a mediated device) or profile",
+    ),
     (
         '[[device]]\nname = "a"\nsocket = "s"\nprofile = "p"\n[[device]]\nname = "a"\nsocket = "t"\nprofile = "p"\n',
         "device[1] (a).name",

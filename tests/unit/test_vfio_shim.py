@@ -10,9 +10,11 @@ import pytest
 from mediator._vfio_shim import ffi, lib
 
 from mediator.backends.advice import memlock as memlock_advice
-from mediator.backends.sysfs import DeviceNotReady, find_function, group_blockers
+from mediator.backends.sysfs import DeviceNotReady, MediatedDevice, find_function, find_target, group_blockers
 from mediator.backends.vfio import VfioDevice, VfioError, grow_noresize
 from mediator.pci.address import AddressError, normalize_bdf
+from mediator.vfio_abi import FEATURE_GET, FEATURE_MIG_DEVICE_STATE, FEATURE_MIGRATION, FEATURE_SET
+from tests.fakesysfs import FakeSysfs
 
 VFIO_TYPE = ord(";")
 VFIO_BASE = 100
@@ -172,6 +174,51 @@ def test_a_missing_function_is_refused(tmp_path: Path) -> None:
     (tmp_path / "bus/pci/devices").mkdir(parents=True)
     with pytest.raises(DeviceNotReady, match=r"no PCI device 0000:3b:00\.0"):
         find_function("0000:3b:00.0", tmp_path)
+
+
+def test_the_migration_features_the_wire_names_are_the_kernels() -> None:
+    # vfio-user's DEVICE_FEATURE carries VFIO's own flags: the daemon passes them to the kernel as they are.
+    assert (lib.VFIO_DEVICE_FEATURE_GET, lib.VFIO_DEVICE_FEATURE_SET) == (FEATURE_GET, FEATURE_SET)
+    assert (lib.VFIO_DEVICE_FEATURE_MIGRATION, lib.VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE) == (
+        FEATURE_MIGRATION,
+        FEATURE_MIG_DEVICE_STATE,
+    )
+
+
+MDEV = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
+
+
+def test_an_absent_mdev_gets_the_command_that_creates_one(tmp_path: Path) -> None:
+    sysfs = FakeSysfs(tmp_path)
+    with pytest.raises(DeviceNotReady, match=f"no mediated device {MDEV}: the kernel has no mdev bus; load"):
+        find_target(MDEV.upper(), tmp_path)
+    sysfs.add_mdev_type("mtty", "mtty-1", "Single port serial", available=0)
+    sysfs.add_mdev_type("mtty", "mtty-2", "Dual port serial", available=3)
+    with pytest.raises(DeviceNotReady) as absent:
+        find_target(MDEV, tmp_path)
+    create = tmp_path / "class/mdev_bus/mtty/mdev_supported_types/mtty-2/create"
+    assert f"create it with: echo {MDEV} > {create}" in str(absent.value)  # a type with room left
+    assert "mtty/mtty-1 (0 available), mtty/mtty-2 (3 available)" in str(absent.value)
+
+
+def test_a_mediated_device_is_found_by_its_uuid_with_its_parent_and_group(tmp_path: Path) -> None:
+    sysfs = FakeSysfs(tmp_path)
+    sysfs.add_mdev_type("mtty", "mtty-2", "Dual port serial")
+    sysfs.add_mdev(MDEV, "mtty", "mtty-2", driver="mtty", group=14)
+    found = find_target(MDEV, tmp_path)
+    assert isinstance(found, MediatedDevice)
+    assert (found.name, found.parent, found.mdev_type, found.driver, found.iommu_group) == (
+        MDEV,
+        "mtty",
+        "mtty-2",
+        "mtty",
+        14,
+    )
+    sysfs.add_mdev("83b8f4f2-509f-382f-3c1e-e6bfe0fa1002", "mtty", "mtty-2", group=15)
+    with pytest.raises(
+        DeviceNotReady, match="is bound to no driver: its parent's vendor driver must bind it"
+    ):
+        find_target("83b8f4f2-509f-382f-3c1e-e6bfe0fa1002", tmp_path)
 
 
 def test_no_vfio_nodes_is_a_clear_error(tmp_path: Path) -> None:
