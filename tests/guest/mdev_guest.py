@@ -86,7 +86,11 @@ def main() -> None:  # noqa: PLR0915  one nested function per check, in the orde
 
     @checked("mdev-nested-qemu")
     def _() -> dict[str, object]:
-        view = bytes.fromhex(inspect(SOURCE)["virtual"]["config"])
+        inspected = inspect(SOURCE)
+        view = bytes.fromhex(inspected["virtual"]["config"])
+        # Which VFIO API opened the mdev: iommufd when the kernel gives it a device cdev, else its group.
+        cdev = find_target(SOURCE).vfio_cdev and Path("/dev/iommu").exists()
+        api = "iommufd" if cdev else "group"
         with (
             daemon(SOURCE, name="mtty", reset=NO_RESET) as (sock, _log),
             Machine(sock, behind_root_port=False) as vm,
@@ -115,9 +119,16 @@ def main() -> None:  # noqa: PLR0915  one nested function per check, in the orde
             }.items()
         }
         assert identity == MTTY_IDS and all(same.values()), (hex(identity), same)
+        assert inspected["source"].endswith(f"({api})"), (api, inspected["source"])
         assert sizes == [8, 8] and scratch == [0x5A, 0xA5], (sizes, scratch)
         assert ready and echoed == b"hi", (ready, echoed)
-        return {"ids": hex(identity), "same_as_policy": same, "bar_sizes": sizes, "echoed": echoed.decode()}
+        return {
+            "source": inspected["source"],
+            "ids": hex(identity),
+            "same_as_policy": same,
+            "bar_sizes": sizes,
+            "echoed": echoed.decode(),
+        }
 
     @checked("mdev-migration")
     def _() -> dict[str, object]:
